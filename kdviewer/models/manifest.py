@@ -1,0 +1,160 @@
+"""The model-bundle manifest: the contract between the training engine and the viewer.
+
+A bundle is a folder or .zip holding ``manifest.json`` plus the files it names:
+
+* ``student.onnx`` (required for deployment), ``student.int8.onnx`` (optional),
+* ``student.pt`` / ``teacher.pt``: *state dicts* only, read with ``torch.load(weights_only=True)``,
+* ``ood.npz`` (optional): feature statistics for the out-of-distribution guard,
+* ``model_card.md`` / ``report.html`` (optional, human-readable).
+
+Schema versioning: ``schema_version`` is "MAJOR.MINOR". Readers accept any minor of a major they
+know and refuse other majors with a clear message. Bump the minor for additive fields, the major
+for anything a current reader would misread.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+
+
+class Normalization(BaseModel):
+    """Per-channel mean/std applied after scaling pixels to [0, 1]."""
+
+    model_config = ConfigDict(extra="forbid")
+    mean: list[float] = Field(default_factory=lambda: [0.5])
+    std: list[float] = Field(default_factory=lambda: [0.25])
+
+
+class Preprocessing(BaseModel):
+    """How a `Study` frame becomes model input; shared by training and inference so they agree.
+
+    Steps, in order: choose the frame (middle slice for volumes unless per-slice), map modality
+    values to [0, 1] (``intensity``: "window" uses ``window_center``/``window_width`` — e.g. a CT
+    lung window; "minmax" uses the frame's robust 0.5/99.5 percentiles; "voi" uses the study's
+    default window), invert if the study is MONOCHROME1, resize (shorter side to ``resize`` then
+    centre crop ``input_size``; ``resize`` == ``input_size`` means a direct resize), repeat to
+    ``channels``, then normalise.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    input_size: int = 224
+    resize: int = 224
+    channels: Literal[1, 3] = 1
+    intensity: Literal["minmax", "window", "voi"] = "minmax"
+    window_center: float | None = None
+    window_width: float | None = None
+    normalization: Normalization = Field(default_factory=Normalization)
+
+    @model_validator(mode="after")
+    def _check(self) -> Preprocessing:
+        if self.intensity == "window" and (self.window_center is None or not self.window_width):
+            raise ValueError("intensity='window' needs window_center and a positive window_width")
+        if self.resize < self.input_size:
+            raise ValueError("resize must be >= input_size (resize, then centre-crop)")
+        n = self.channels
+        if len(self.normalization.mean) not in (1, n) or len(self.normalization.std) not in (1, n):
+            raise ValueError("normalization mean/std must have 1 or `channels` entries")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """An architecture plus where its weights live inside the bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: str
+    weights: str | None = None  # state-dict file inside the bundle, e.g. "student.pt"
+    onnx: str | None = None  # e.g. "student.onnx"
+    onnx_int8: str | None = None  # e.g. "student.int8.onnx"
+    target_layer: str | None = None  # dotted module path for CAM, e.g. "layer4"
+    feature_layer: str | None = None  # dotted module path of penultimate features (OOD)
+    params: int | None = None
+    gflops: float | None = None
+
+
+class MetricWithCI(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = 1.0
+    ece_before: float | None = None
+    ece_after: float | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("temperature must be > 0")
+        return v
+
+
+class OodSpec(BaseModel):
+    """Out-of-distribution guard: method, statistics file and the threshold above which we warn."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["mahalanobis", "energy"] = "mahalanobis"
+    stats: str | None = "ood.npz"
+    threshold: float
+    score_note: str = "higher = less like the training data"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: str = SCHEMA_VERSION
+    name: str
+    task: Literal["single-label", "multi-label"] = "single-label"
+    class_names: list[str]
+    positive_class: str | None = None  # for binary tasks: the class ROC/specificity refer to
+    modality: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    student: ModelSpec
+    teacher: ModelSpec | None = None
+    calibration: Calibration = Field(default_factory=Calibration)
+    disagreement_threshold: float = 0.25  # total-variation distance above which we flag
+    ood: OodSpec | None = None
+    metrics: dict[str, MetricWithCI] = Field(default_factory=dict)
+    metrics_split: str | None = None  # which held-out split the metrics were measured on
+    training: dict = Field(default_factory=dict)  # config, data fingerprint, history summary
+    created_with: dict[str, str] = Field(default_factory=dict)
+    intended_use: str = (
+        "Decision support for trained readers. Not a diagnosis; not validated for clinical use."
+    )
+    demo: bool = False  # True for demo models: the UI labels them DEMO
+    synthetic_data: bool = False  # True when trained on synthetic phantoms: labelled SYNTHETIC
+    int8_parity: dict[str, float] = Field(default_factory=dict)  # max |p_int8 - p_fp32|, agreement
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_major(cls, v: str) -> str:
+        try:
+            major = int(str(v).split(".")[0])
+        except ValueError as exc:
+            raise ValueError(f"schema_version {v!r} is not 'MAJOR.MINOR'") from exc
+        if major != SUPPORTED_MAJOR:
+            raise ValueError(
+                f"bundle schema {v} is not supported by this kdviewer (reads {SUPPORTED_MAJOR}.x); "
+                "update kdviewer or re-export the bundle"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        if len(self.class_names) < 2 and self.task == "single-label":
+            raise ValueError("a single-label task needs at least two class names")
+        if self.positive_class is not None and self.positive_class not in self.class_names:
+            raise ValueError(f"positive_class {self.positive_class!r} is not one of class_names")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
