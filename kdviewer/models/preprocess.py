@@ -21,6 +21,9 @@ def to_unit_range(frame: np.ndarray, pre: Preprocessing, study: Study | None = N
         lo = pre.window_center - pre.window_width / 2.0  # type: ignore[operator]
         hi = pre.window_center + pre.window_width / 2.0  # type: ignore[operator]
     elif pre.intensity == "voi" and study is not None:
+        # With a VOI LUT the default window is in LUT-output units: map the frame through it first.
+        if study.voi_lut is not None:
+            frame = study.voi_lut.apply(frame)
         lo, hi = study.window.low, study.window.high
     else:
         # Robust min/max: a few hot pixels or burned-in labels must not squash the anatomy.

@@ -1,0 +1,169 @@
+"""Ordinary pictures (PNG, JPEG, TIFF) -> `Study`, through Pillow.
+
+Grayscale 8/16/32-bit and float images keep their values; colour images (RGB, RGBA, palette,
+LA, CMYK, ...) become grayscale (ITU-R BT.601 luma) with a note; the EXIF orientation is
+applied; every page of a multi-page TIFF becomes a frame. The image size is checked against the
+pixel caps before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from kdviewer.errors import CorruptImageError, ImageError, ImageTooLargeError, UnsupportedImageError
+from kdviewer.imaging._arrays import replace_non_finite, rgb_to_gray
+from kdviewer.imaging.formats import MAX_PIXELS, MAX_TOTAL_PIXELS, sniff
+from kdviewer.imaging.study import Study, Window
+from kdviewer.imaging.windowing import auto_window, full_range_window
+
+log = logging.getLogger(__name__)
+
+
+def _to_gray(page: Image.Image, notes: list[str]) -> tuple[np.ndarray, int | None]:
+    """One Pillow page -> (2-D float32 array, bit depth when integer data else None)."""
+    mode = page.mode
+    if mode == "1":
+        return np.asarray(page.convert("L"), dtype=np.float32), 8
+    if mode == "L":
+        return np.asarray(page, dtype=np.float32), 8
+    if mode.startswith("I;16"):
+        return np.asarray(page).astype(np.float32), 16
+    if mode == "I":
+        return np.asarray(page).astype(np.float32), 32
+    if mode == "F":
+        return np.asarray(page, dtype=np.float32), None
+    if mode == "LA":
+        note = "grayscale + alpha image: alpha channel dropped"
+        if note not in notes:
+            notes.append(note)
+        return np.asarray(page.getchannel("L"), dtype=np.float32), 8
+    if mode in ("I;16S", "I;32", "I;32S", "I;32B", "I;32BS"):
+        return np.asarray(page.convert("I")).astype(np.float32), 32
+    # colour: palette, RGB(A), CMYK, YCbCr, LAB, HSV, ...
+    rgb_mode = "RGBA" if (mode in ("RGBA", "PA") or (mode == "P" and "transparency" in page.info)) else "RGB"
+    rgb = np.asarray(page.convert(rgb_mode), dtype=np.float32)
+    note = f"{mode} colour image converted to grayscale (ITU-R BT.601 luma)"
+    if rgb_mode == "RGBA":
+        note += "; alpha channel dropped"
+    if note not in notes:
+        notes.append(note)
+    return rgb_to_gray(rgb), 8
+
+
+def load_raster(path: str | os.PathLike[str]) -> Study:
+    """Load a PNG / JPEG / TIFF file as a `Study` (modality "OT").
+
+    Raises:
+        ImageTooLargeError: the image (or all pages together) exceeds the pixel caps.
+        CorruptImageError: the file is truncated or its data cannot be decoded.
+        UnsupportedImageError: Pillow does not recognise the file as an image.
+    """
+    path = Path(path)
+    try:
+        return _load(path)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(
+            f"image is too large to open safely ({exc}); reduce its size or split it", path
+        ) from exc
+    except UnidentifiedImageError as exc:
+        kind = sniff(path)
+        if kind is not None:  # it has the signature, so the header behind it is broken
+            msg = f"the {kind.upper()} header is damaged; the file cannot be read"
+            raise CorruptImageError(msg, path) from exc
+        raise UnsupportedImageError("not an image format this viewer can read", path) from exc
+    except MemoryError as exc:
+        raise ImageTooLargeError("not enough memory to decode this image", path) from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ...
+        raise CorruptImageError(
+            f"the image data is damaged or truncated and cannot be decoded ({type(exc).__name__}: {exc})",
+            path,
+        ) from exc
+
+
+def _load(path: Path) -> Study:
+    notes: list[str] = []
+    # Pillow itself raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (mapped to
+    # ImageTooLargeError by the caller); our own caps are checked below from the header alone.
+    im = Image.open(path)
+    with im:
+        fmt = im.format or "image"
+        width, height = im.size
+        n_pages = int(getattr(im, "n_frames", 1) or 1)
+        if width <= 0 or height <= 0:
+            raise CorruptImageError(f"{fmt} header gives an empty image size {width}x{height}", path)
+        if width * height > MAX_PIXELS:
+            raise ImageTooLargeError(
+                f"{fmt} image is {width}x{height} = {width * height / 1e6:.0f} Mpixel, above the "
+                f"{MAX_PIXELS / 1e6:.0f} Mpixel safety cap; downscale it before opening",
+                path,
+            )
+        if width * height * n_pages > MAX_TOTAL_PIXELS:
+            raise ImageTooLargeError(
+                f"{fmt} file has {n_pages} pages of {width}x{height}, above the "
+                f"{MAX_TOTAL_PIXELS / 1e6:.0f} Mpixel safety cap for one study",
+                path,
+            )
+        source_mode = im.mode
+        frames: list[np.ndarray] = []
+        depths: set[int | None] = set()
+        skipped = 0
+        exif_note = ""
+        for index in range(n_pages):
+            if n_pages > 1:
+                im.seek(index)
+            page = im
+            orientation = page.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "PNG", "MPO") else 1
+            if orientation not in (None, 1):
+                page = ImageOps.exif_transpose(page)
+                exif_note = f"EXIF orientation {orientation} applied"
+            page.load()
+            arr, depth = _to_gray(page, notes)
+            if frames and arr.shape != frames[0].shape:
+                skipped += 1
+                continue
+            frames.append(arr)
+            depths.add(depth)
+        if exif_note:
+            notes.append(exif_note)
+        if skipped:
+            notes.append(f"{skipped} of {n_pages} pages skipped: their size differs from the first page")
+        if n_pages > 1:
+            notes.append(f"multi-page {fmt}: {len(frames)} pages loaded as frames")
+
+    data = np.stack(frames) if len(frames) > 1 else frames[0][None]
+    data = replace_non_finite(data, notes)
+
+    depth = max((d for d in depths if d is not None), default=None) if None not in depths else None
+    window = Window(127.5, 255.0, "full range") if depth == 8 else full_range_window(data)
+    windows: dict[str, Window] = {window.name: window}
+    auto = auto_window(data)
+    windows.setdefault(auto.name, auto)
+
+    h, w = data.shape[1:]
+    metadata = {
+        "Format": fmt,
+        "ImageMode": source_mode,
+        "Rows": str(h),
+        "Columns": str(w),
+        "Frames": str(data.shape[0]),
+        "BitDepth": "float" if depth is None else str(depth),
+    }
+    log.debug("loaded %s %s %dx%dx%d", fmt, source_mode, data.shape[0], h, w)
+    return Study(
+        frames=data,
+        modality="OT",
+        photometric="MONOCHROME2",
+        invert=False,
+        window=window,
+        windows=windows,
+        metadata=metadata,
+        notes=notes,
+        source=path,
+    )
