@@ -166,3 +166,6 @@ class FeatureExtractor(nn.Module):
         assert self._features is not None
         feats, self._features = self._features, None
         return logits, feats
+
+
+from kdviewer.models import custom_arch as _custom_arch  # noqa: E402,F401  (registers densenet40, ...)

@@ -1,0 +1,589 @@
+"""Folder classification: scan, decode in worker processes, infer in batches, write rows as they finish.
+
+Used by ``kdviewer classify`` and the GUI batch panel (no Qt here; progress goes through a callback,
+cancellation through a `threading.Event`).
+
+* `scan` walks a folder recursively and recognises images by content (PNG/JPEG/TIFF/DICOM); DICOM
+  slices of one CT series become one *series* case; anything else becomes an *error* row (never a
+  failure of the run).
+* `run_batch` decodes and preprocesses in a spawn-safe process pool (workers return float arrays and
+  metadata only), runs the deployed student (ONNX Runtime) on batches in the main process, and writes
+  each row to the CSV (and optional JSONL) immediately, flushed. A restarted run with the same output
+  reads the rows already there (dropping a torn last line from a killed run) and skips those cases,
+  so every file ends up exactly once.
+
+CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label,
+prob_<class>..., teacher_label, teacher_prob_<class>... (with a teacher), disagreement, divergence,
+ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, heatmap. For a series, ``path`` is the
+folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several series) and the
+probabilities are the series aggregate (see `kdviewer.inference.predict`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kdviewer.errors import KDViewerError
+
+if TYPE_CHECKING:
+    from kdviewer.imaging.study import Study
+    from kdviewer.models.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+CaseType = str  # "image" | "series" | "error"
+
+
+class BatchError(KDViewerError):
+    """The batch run itself cannot proceed (bad folder, unwritable or incompatible output file)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the output: an image file, a CT series (several files) or an unreadable file."""
+
+    path: str
+    case_type: CaseType
+    files: tuple[str, ...] = ()
+    error: str = ""
+    series_uid: str = ""
+    study_uid: str = ""
+
+
+@dataclass
+class BatchProgress:
+    done: int  # cases finished in this run (not counting those skipped on resume)
+    total: int  # cases to do in this run
+    skipped: int  # cases already in the output (resume)
+    errors: int
+    elapsed_s: float
+    rate: float  # cases per second
+    eta_s: float | None
+    current: str = ""
+
+
+@dataclass
+class BatchSummary:
+    out_csv: Path
+    total_cases: int
+    processed: int
+    skipped: int
+    errors: int
+    ood_flagged: int
+    disagreements: int
+    elapsed_s: float
+    images_per_s: float
+    cancelled: bool = False
+    json_out: Path | None = None
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_csv"] = str(self.out_csv)
+        d["json_out"] = None if self.json_out is None else str(self.json_out)
+        return d
+
+
+# -------------------------------------------------------------------------------------------- scan
+
+
+def _one_line(msg: object) -> str:
+    return " ".join(str(msg).split())
+
+
+def _why_not_image(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    return "not a supported image (PNG, JPEG, TIFF or DICOM expected)"
+
+
+def scan(folder: str | os.PathLike[str]) -> list[Case]:
+    """All cases under ``folder`` (recursive, hidden files skipped), sorted by path."""
+    from kdviewer.imaging.formats import sniff
+    from kdviewer.imaging.series import scan_series
+
+    root = Path(folder)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(
+            p for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+    else:
+        raise BatchError(f"{root}: folder not found")
+    cases: list[Case] = []
+    dicoms: list[Path] = []
+    for p in files:
+        kind = sniff(p)
+        if kind is None:
+            cases.append(Case(str(p), "error", (str(p),), _why_not_image(p)))
+        elif kind == "dicom":
+            dicoms.append(p)
+        else:
+            cases.append(Case(str(p), "image", (str(p),)))
+    grouped: set[Path] = set()
+    if dicoms:
+        try:
+            series = scan_series(dicoms)
+        except KDViewerError as exc:  # never fatal: fall back to one case per file
+            log.warning("could not group DICOM series: %s", exc)
+            series = []
+        multi = [s for s in series if s.n_files > 1 and s.modality == "CT"]
+        folders: dict[Path, int] = {}
+        for s in multi:
+            common = Path(os.path.commonpath([str(p) for p in s.paths]))
+            folders[common] = folders.get(common, 0) + 1
+        for s in multi:
+            common = Path(os.path.commonpath([str(p) for p in s.paths]))
+            name = str(common) if folders[common] == 1 else f"{common}#{s.series_uid}"
+            cases.append(
+                Case(name, "series", tuple(str(p) for p in s.paths), series_uid=s.series_uid,
+                     study_uid=s.study_uid)
+            )
+            grouped.update(s.paths)
+    cases.extend(Case(str(p), "image", (str(p),)) for p in dicoms if p not in grouped)
+    cases.sort(key=lambda c: c.path)
+    return cases
+
+
+# ------------------------------------------------------------------------------------ worker side
+
+
+_PRE_CACHE: dict[str, Any] = {}
+
+
+def load_case(case: Case) -> Study:
+    """Decode a case into a `Study` (a file, or the slices of a series)."""
+    if case.case_type == "series":
+        from kdviewer.imaging.series import load_series
+
+        return load_series([Path(p) for p in case.files])
+    from kdviewer.imaging import load
+
+    return load(Path(case.files[0] if case.files else case.path))
+
+
+def _decode_case(case: Case, pre_json: str) -> dict[str, Any]:
+    """Worker: load + preprocess one case. Returns plain data (arrays and strings) only."""
+    from kdviewer.models.manifest import Preprocessing
+    from kdviewer.models.preprocess import preprocess_frame
+
+    pre = _PRE_CACHE.get(pre_json)
+    if pre is None:
+        pre = _PRE_CACHE[pre_json] = Preprocessing.model_validate_json(pre_json)
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"path": case.path, "array": None, "error": "", "uids": {}, "n_frames": 0}
+    try:
+        study = load_case(case)
+        idx = list(range(study.n_frames)) if study.is_volume else [study.middle_index()]
+        out["array"] = np.stack([preprocess_frame(study.frames[i], pre, study) for i in idx])
+        out["uids"] = dict(study.uids)
+        out["n_frames"] = len(idx)
+        out["modality"] = study.modality
+    except KDViewerError as exc:
+        out["error"] = _one_line(exc)
+    except MemoryError:
+        out["error"] = "not enough memory to decode this image"
+    except Exception as exc:  # a decoder bug must cost one row, not the whole run
+        out["error"] = _one_line(f"could not decode: {type(exc).__name__}: {exc}")
+    out["t_decode_ms"] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def csv_columns(class_names: list[str], teacher: bool) -> list[str]:
+    cols = ["path", "case_type", "study_uid", "series_uid", "sop_uid", "label"]
+    cols += [f"prob_{c}" for c in class_names]
+    if teacher:
+        cols += ["teacher_label"] + [f"teacher_prob_{c}" for c in class_names]
+    cols += ["disagreement", "divergence", "ood_score", "ood_flag", "error", "t_decode_ms", "t_infer_ms",
+             "n_frames", "heatmap"]
+    return cols
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Cut a partial last line left by a killed run (rows never contain embedded newlines)."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        fh.seek(cut)
+        fh.truncate()
+
+
+def read_done(out_csv: Path, columns: list[str]) -> list[dict[str, str]]:
+    """Rows already in ``out_csv`` (after repairing a torn tail); BatchError if its columns differ."""
+    if not out_csv.exists() or out_csv.stat().st_size == 0:
+        return []
+    _repair_torn_tail(out_csv)
+    with open(out_csv, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return []
+        if header != columns:
+            raise BatchError(
+                f"{out_csv} already holds results with different columns (another model or --teacher "
+                "setting); choose another output file or delete it to start over"
+            )
+        return [dict(zip(columns, row, strict=True)) for row in reader if len(row) == len(columns)]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float | np.floating):
+        return f"{float(v):.6g}"
+    return _one_line(v)
+
+
+def _typed(row: dict[str, str]) -> dict[str, Any]:
+    """CSV strings -> JSON values (numbers, booleans, null)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if v == "":
+            out[k] = None
+        elif v in ("true", "false"):
+            out[k] = v == "true"
+        elif k.startswith(("prob_", "teacher_prob_")) or k in ("divergence", "ood_score", "t_decode_ms",
+                                                               "t_infer_ms"):
+            out[k] = float(v)
+        elif k == "n_frames":
+            out[k] = int(v)
+        else:
+            out[k] = v
+    return out
+
+
+class _Writer:
+    def __init__(self, out_csv: Path, columns: list[str], jsonl: Path | None) -> None:
+        self.columns = columns
+        fresh = not out_csv.exists() or out_csv.stat().st_size == 0
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(out_csv, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        self.writer = csv.writer(self.fh, lineterminator="\n")
+        if fresh:
+            self.writer.writerow(columns)
+            self.fh.flush()
+        self.jfh = None
+        if jsonl is not None:
+            jsonl.parent.mkdir(parents=True, exist_ok=True)
+            if jsonl.exists():
+                _repair_torn_tail(jsonl)
+            self.jfh = open(jsonl, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, row: dict[str, Any]) -> dict[str, str]:
+        cells = {c: _fmt(row.get(c)) for c in self.columns}
+        self.writer.writerow([cells[c] for c in self.columns])
+        self.fh.flush()
+        if self.jfh is not None:
+            self.jfh.write(json.dumps(_typed(cells)) + "\n")
+            self.jfh.flush()
+        return cells
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.jfh is not None:
+            self.jfh.close()
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def _norm(path: str) -> str:
+    return os.path.normcase(os.path.abspath(path.split("#", 1)[0])) + (
+        "#" + path.split("#", 1)[1] if "#" in path else ""
+    )
+
+
+def _decode_inline(cases: list[Case], pre_json: str) -> Iterator[dict[str, Any]]:
+    for c in cases:
+        yield _decode_case(c, pre_json)
+
+
+def run_batch(
+    folder: str | os.PathLike[str],
+    bundle: Bundle | str | os.PathLike[str],
+    out_csv: str | os.PathLike[str],
+    *,
+    json_out: str | os.PathLike[str] | None = None,
+    teacher: bool = False,
+    heatmaps_dir: str | os.PathLike[str] | None = None,
+    workers: int = 2,
+    batch_size: int = 16,
+    threads: int = 2,
+    use_int8: bool | str = "auto",
+    progress: Callable[[BatchProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    cases: list[Case] | None = None,
+) -> BatchSummary:
+    """Classify every case under ``folder``; see the module docstring. Raises only for run failures
+    (`BatchError`, `BundleError`); unreadable files become rows with an ``error``.
+
+    ``json_out``: a ``.jsonl`` path is appended row by row as the CSV is; any other name gets a JSON
+    array of all rows (this run and earlier ones) written at the end.
+    """
+    from kdviewer.inference.predict import Classifier
+
+    t_start = time.perf_counter()
+    out_csv = Path(out_csv)
+    json_path = Path(json_out) if json_out else None
+    jsonl = json_path if json_path is not None and json_path.suffix.lower() == ".jsonl" else None
+    clf = Classifier(bundle, use_int8=use_int8, threads=threads, load_teacher=teacher)  # type: ignore[arg-type]
+    names = clf.class_names
+    columns = csv_columns(names, teacher)
+    done_rows = read_done(out_csv, columns)
+    done = {_norm(r["path"]) for r in done_rows}
+    all_cases = scan(folder) if cases is None else cases
+    todo = [c for c in all_cases if _norm(c.path) not in done]
+    skipped = len(all_cases) - len(todo)
+    heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
+    if heat_dir is not None:
+        heat_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = _Writer(out_csv, columns, jsonl)
+    except OSError as exc:
+        raise BatchError(f"cannot write {out_csv}: {exc.strerror or exc}") from exc
+
+    stats = {"done": 0, "errors": 0, "ood": 0, "disagree": 0, "images": 0}
+    labels: dict[str, int] = {}
+    cancelled = False
+    pre_json = clf.pre.model_dump_json()
+
+    def report(current: str) -> None:
+        if progress is None:
+            return
+        el = time.perf_counter() - t_start
+        rate = stats["done"] / el if el > 0 else 0.0
+        left = len(todo) - stats["done"]
+        progress(BatchProgress(stats["done"], len(todo), skipped, stats["errors"], el, rate,
+                               left / rate if rate > 0 else None, current))
+
+    def emit(row: dict[str, Any]) -> None:
+        writer.write(row)
+        stats["done"] += 1
+        if row.get("error"):
+            stats["errors"] += 1
+        if row.get("ood_flag"):
+            stats["ood"] += 1
+        if row.get("disagreement"):
+            stats["disagree"] += 1
+        if row.get("label"):
+            labels[row["label"]] = labels.get(row["label"], 0) + 1
+        report(row["path"])
+
+    by_path = {c.path: c for c in todo}
+
+    def flush(buffer: list[dict[str, Any]]) -> None:
+        if not buffer:
+            return
+        arrays = [b["array"] for b in buffer]
+        t0 = time.perf_counter()
+        try:
+            if teacher:
+                comps = clf.compare_batch(arrays)
+                preds = [c.student for c in comps]
+            else:
+                comps = None
+                preds = clf.predict_batch(arrays)
+        except KDViewerError as exc:  # e.g. an input the model cannot take: rows, not a crash
+            for b in buffer:
+                emit(_row(by_path[b["path"]], b, None, None, names, error=_one_line(exc)))
+            buffer.clear()
+            return
+        n_img = sum(len(a) for a in arrays)
+        per_img = (time.perf_counter() - t0) * 1e3 / max(1, n_img)
+        for i, b in enumerate(buffer):
+            comp = comps[i] if comps is not None else None
+            row = _row(by_path[b["path"]], b, preds[i], comp, names, infer_ms=per_img * len(arrays[i]))
+            if heat_dir is not None:
+                row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i])
+            emit(row)
+        stats["images"] += n_img
+        buffer.clear()
+
+    buffer: list[dict[str, Any]] = []
+    pool: ProcessPoolExecutor | None = None
+    try:
+        # Error cases from the scan need no decoding.
+        for c in [c for c in todo if c.case_type == "error"]:
+            emit(_row(c, {"t_decode_ms": 0.0}, None, None, names, error=c.error))
+        pending_cases = [c for c in todo if c.case_type != "error"]
+        results: Iterator[dict[str, Any]]
+        if workers <= 0 or len(pending_cases) <= 1:
+            results = _decode_inline(pending_cases, pre_json)
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            results = _decode_pooled(pool, pending_cases, pre_json, window=max(2 * workers, batch_size * 2),
+                                     cancel=cancel)
+        for res in results:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            if res["error"]:
+                emit(_row(by_path[res["path"]], res, None, None, names, error=res["error"]))
+                continue
+            buffer.append(res)
+            if sum(len(b["array"]) for b in buffer) >= batch_size:
+                flush(buffer)
+        if not cancelled:
+            flush(buffer)
+        else:
+            buffer.clear()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        writer.close()
+    elapsed = time.perf_counter() - t_start
+    if json_path is not None and jsonl is None:
+        rows = read_done(out_csv, columns)
+        tmp = json_path.with_suffix(json_path.suffix + ".tmp")
+        tmp.write_text(json.dumps([_typed(r) for r in rows], indent=1), encoding="utf-8")
+        os.replace(tmp, json_path)
+    return BatchSummary(
+        out_csv=out_csv,
+        total_cases=len(all_cases),
+        processed=stats["done"],
+        skipped=skipped,
+        errors=stats["errors"],
+        ood_flagged=stats["ood"],
+        disagreements=stats["disagree"],
+        elapsed_s=elapsed,
+        images_per_s=stats["images"] / elapsed if elapsed > 0 else 0.0,
+        cancelled=cancelled,
+        json_out=json_path,
+        label_counts=labels,
+    )
+
+
+def _decode_pooled(
+    pool: ProcessPoolExecutor, cases: list[Case], pre_json: str, window: int, cancel: threading.Event | None
+) -> Iterator[dict[str, Any]]:
+    """Submit at most ``window`` cases at a time (bounded memory); yield results as they complete."""
+    queue = list(reversed(cases))
+    running: set[Future[dict[str, Any]]] = set()
+    futures: dict[Future[dict[str, Any]], Case] = {}
+    while queue or running:
+        while queue and len(running) < window and not (cancel is not None and cancel.is_set()):
+            c = queue.pop()
+            f = pool.submit(_decode_case, c, pre_json)
+            running.add(f)
+            futures[f] = c
+        if not running:
+            return
+        finished, running = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+        for f in finished:
+            c = futures.pop(f)
+            try:
+                yield f.result()
+            except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
+                yield {"path": c.path, "array": None, "uids": {}, "n_frames": 0, "t_decode_ms": 0.0,
+                       "error": _one_line(f"decoder process failed: {type(exc).__name__}: {exc}")}
+
+
+def _row(
+    case: Case,
+    res: dict[str, Any],
+    pred: Any,
+    comp: Any,
+    names: list[str],
+    *,
+    error: str = "",
+    infer_ms: float | None = None,
+) -> dict[str, Any]:
+    uids = res.get("uids") or {}
+    row: dict[str, Any] = {
+        "path": case.path,
+        "case_type": "error" if error else case.case_type,
+        "study_uid": uids.get("StudyInstanceUID", case.study_uid),
+        "series_uid": uids.get("SeriesInstanceUID", case.series_uid),
+        "sop_uid": uids.get("SOPInstanceUID", ""),
+        "error": error,
+        "t_decode_ms": res.get("t_decode_ms"),
+        "t_infer_ms": infer_ms,
+        "n_frames": res.get("n_frames") or None,
+    }
+    if pred is not None:
+        row["label"] = pred.label
+        for n, p in zip(names, pred.probabilities, strict=True):
+            row[f"prob_{n}"] = float(p)
+        row["ood_score"] = pred.ood_score
+        row["ood_flag"] = pred.ood_flag
+    if comp is not None:
+        row["teacher_label"] = comp.teacher.label
+        for n, p in zip(names, comp.teacher.probabilities, strict=True):
+            row[f"teacher_prob_{n}"] = float(p)
+        row["disagreement"] = comp.disagree
+        row["divergence"] = comp.divergence
+    return row
+
+
+def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
+    """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible."""
+    from PIL import Image
+
+    from kdviewer.imaging.windowing import display_frame
+    from kdviewer.inference.saliency import overlay, saliency
+
+    try:
+        study = load_case(case)
+        frame = study.middle_index()
+        if pred.per_slice:
+            # the slice that drove the series aggregate
+            k = pred.label_index
+            frame = max(pred.per_slice, key=lambda s: s["probabilities"][k])["index"]
+        smap = saliency(clf, study, "gradcam", target_class=pred.label_index, frame=frame)
+        rgb = overlay(display_frame(study, frame), smap.heatmap)
+    except (KDViewerError, ValueError, RuntimeError) as exc:
+        log.warning("no heatmap for %s: %s", case.path, exc)
+        return ""
+    stem = Path(case.path.split("#", 1)[0]).name or "case"
+    tag = hashlib.sha1(case.path.encode("utf-8")).hexdigest()[:8]
+    out = heat_dir / f"{stem}.{tag}.png"
+    Image.fromarray(rgb).save(out)
+    return str(out)
+
+
+def summary_lines(s: BatchSummary) -> list[str]:
+    buf = io.StringIO()
+    buf.write(f"{s.processed} case(s) classified in {s.elapsed_s:.1f} s ({s.images_per_s:.1f} images/s)")
+    if s.skipped:
+        buf.write(f"; {s.skipped} already in {s.out_csv.name} (skipped)")
+    lines = [buf.getvalue()]
+    if s.label_counts:
+        lines.append("labels: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.label_counts.items())))
+    if s.errors:
+        lines.append(f"{s.errors} file(s) could not be read (see the 'error' column)")
+    if s.ood_flagged:
+        lines.append(f"{s.ood_flagged} case(s) flagged as unlike the training data (ood_flag)")
+    if s.disagreements:
+        lines.append(f"{s.disagreements} case(s) where student and teacher disagree")
+    if s.cancelled:
+        lines.append("cancelled: rerun the same command to finish the rest")
+    lines.append(f"results: {s.out_csv}" + (f" and {s.json_out}" if s.json_out else ""))
+    return lines

@@ -1,0 +1,344 @@
+"""The ``kdviewer`` command: the viewer (default), folder classification, single-case prediction, info.
+
+    kdviewer [gui] [PATH ...] [--model BUNDLE]          open the viewer (the default subcommand)
+    kdviewer classify FOLDER -o results.csv [...]        batch classification, resumable
+    kdviewer predict FILE [--teacher] [--json]           one case (file or CT-series folder)
+    kdviewer render CASE -o out.png [--saliency M]       a case rendered to PNG (no window)
+    kdviewer info PATH                                   an image/series summary, or a bundle's manifest
+
+Without ``--model`` the demo bundle (resources/demo/cxr_demo) is used. Errors print one line; exit code
+2 = usage error, 1 = the command failed, 130 = interrupted. In ``classify``, unreadable files are rows
+with an error, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kdviewer import __version__
+from kdviewer.errors import KDViewerError
+
+log = logging.getLogger("kdviewer")
+
+SUBCOMMANDS = ("gui", "classify", "predict", "render", "info")
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad arguments detected after parsing (exit code 2)."""
+
+
+def _one_line(msg: object) -> str:
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    if not lines:
+        return type(msg).__name__ if isinstance(msg, BaseException) else "unknown error"
+    return lines[0] + ((" " + "; ".join(lines[1:])) if len(lines) > 1 else "")
+
+
+def _bundle_arg(value: str | None) -> Path:
+    from kdviewer.models.bundle import default_bundle_path
+
+    return Path(value).expanduser() if value else default_bundle_path()
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    try:
+        from kdviewer.gui.app import main_gui
+    except ImportError as exc:
+        raise KDViewerError(
+            f"the viewer is not available in this installation ({exc}); "
+            "the command-line tools (classify, predict, info) still work"
+        ) from exc
+    bundle = Path(args.model).expanduser() if args.model else None
+    return int(main_gui([Path(p) for p in args.paths], bundle) or 0)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    try:
+        from kdviewer.gui.render import render_case
+    except ImportError as exc:
+        raise KDViewerError(f"rendering needs the viewer package, which is not available ({exc})") from exc
+    bundle = _bundle_arg(args.model)
+    out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency)
+    print(out if out is not None else args.output)
+    return EXIT_OK
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from kdviewer.batch import BatchProgress, run_batch, summary_lines
+
+    folder = Path(args.folder)
+    if not folder.exists():
+        raise KDViewerError(f"{folder}: folder not found")
+    bundle = _bundle_arg(args.model)
+    bar = None
+    last = {"done": 0}
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="case", dynamic_ncols=True, file=sys.stderr, disable=None)
+
+    def progress(p: BatchProgress) -> None:
+        if bar is None:
+            return
+        if bar.total != p.total:
+            bar.total = p.total
+            if p.skipped:
+                bar.set_description(f"{p.skipped} done earlier")
+        bar.update(p.done - last["done"])
+        last["done"] = p.done
+        if p.errors:
+            bar.set_postfix(errors=p.errors, refresh=False)
+
+    cancel = threading.Event()
+    try:
+        summary = run_batch(
+            folder,
+            bundle,
+            args.output,
+            json_out=args.json,
+            teacher=args.teacher,
+            heatmaps_dir=args.heatmaps,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            use_int8=args.int8,
+            progress=progress,
+            cancel=cancel,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for line in summary_lines(summary):
+        print(line)
+    return EXIT_OK
+
+
+def _load_case(path: Path) -> Any:
+    from kdviewer.imaging import load
+
+    return load(path)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kdviewer.inference.predict import Classifier
+
+    study = _load_case(Path(args.file))
+    clf = Classifier(_bundle_arg(args.model), use_int8=args.int8, threads=args.threads,
+                     load_teacher=args.teacher)
+    frames: Any = None if args.frames == "auto" else args.frames
+    if args.teacher:
+        comp = clf.compare(study, frames)
+        result: dict[str, Any] = comp.to_dict()
+        pred = comp.student
+    else:
+        pred = clf.predict(study, frames)
+        result = pred.to_dict()
+    result["path"] = str(args.file)
+    result["bundle"] = {"name": clf.manifest.name, "demo": clf.bundle.is_demo,
+                        "synthetic_data": clf.bundle.is_synthetic}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    tags = [t for t, on in (("DEMO", clf.bundle.is_demo), ("SYNTHETIC", clf.bundle.is_synthetic)) if on]
+    shown = f"  [{', '.join(tags)} model]" if tags else ""
+    print(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}")
+    for name, p in zip(pred.class_names, pred.probabilities, strict=True):
+        print(f"  {name:<20} {p:.3f}")
+    if pred.aggregate:
+        print(f"  series of {len(pred.frames)} slices, aggregate: {pred.aggregate}")
+    if pred.ood_score is not None:
+        flag = "  UNLIKE THE TRAINING DATA - result not reliable" if pred.ood_flag else ""
+        print(f"  OOD score {pred.ood_score:.2f} (threshold {pred.ood_threshold:.2f}){flag}")
+    if args.teacher:
+        c = result
+        verdict = "DISAGREE" if c["disagree"] else "agree"
+        print(f"  teacher: {comp.teacher.label} ({comp.teacher.probability:.1%}); student and teacher "
+              f"{verdict} (TV {c['divergence']:.3f}, threshold {c['threshold']:.2f})")
+    calib = f"calibrated, T={pred.temperature:g}" if pred.calibrated else "uncalibrated"
+    print(f"  {calib}; {pred.runtime}; {pred.timings.get('total_ms', 0.0):.1f} ms")
+    print("  decision support only - not a diagnosis")
+    return EXIT_OK
+
+
+def _is_bundle(path: Path) -> bool:
+    import zipfile
+
+    if path.is_dir():
+        return (path / "manifest.json").is_file()
+    if path.name == "manifest.json":
+        return True
+    if path.is_file() and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith("manifest.json") for n in zf.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return False
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise KDViewerError(f"{path}: not found")
+    if _is_bundle(path):
+        from kdviewer.models.bundle import open_bundle
+
+        with open_bundle(path) as bundle:
+            if args.json:
+                print(bundle.manifest.model_dump_json(indent=2))
+            else:
+                print("\n".join(bundle.summary()))
+        return EXIT_OK
+    study = _load_case(path)
+    info: dict[str, Any] = {
+        "source": str(study.source or path),
+        "modality": study.modality,
+        "frames": study.n_frames,
+        "size": f"{study.shape[1]} x {study.shape[0]} px",
+        "photometric": study.photometric + (" (shown inverted)" if study.invert else ""),
+        "pixel_spacing_mm": list(study.pixel_spacing) if study.pixel_spacing else None,
+        "slice_spacing_mm": study.slice_spacing,
+        "window": f"{study.window.name or 'default'}: C {study.window.center:g} / W {study.window.width:g}",
+        "value_range": [float(study.frames.min()), float(study.frames.max())],
+        "metadata": dict(study.metadata),
+        "uids": dict(study.uids),
+        "notes": list(study.notes),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    for key in ("source", "modality", "frames", "size", "photometric", "pixel_spacing_mm", "slice_spacing_mm",
+                "window", "value_range"):
+        if info[key] is not None:
+            print(f"{key}: {info[key]}")
+    for key, value in info["metadata"].items():
+        print(f"  {key}: {value}")
+    for key, value in info["uids"].items():
+        shown = value if len(value) < 120 else value[:117] + "..."
+        print(f"  {key}: {shown}")
+    for note in info["notes"]:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def _add_model(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+    p.add_argument("--model", "-m", metavar="BUNDLE", help="model bundle folder or .zip (default: the demo)")
+    if runtime:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--int8", dest="int8", action="store_const", const=True, default="auto",
+                       help="use the INT8 student (default: INT8 when the bundle recommends it)")
+        g.add_argument("--fp32", dest="int8", action="store_const", const=False, help="use the fp32 student")
+        p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdviewer",
+        description="Chest X-ray / CT viewer with a distilled student classifier. Decision support only.",
+    )
+    parser.add_argument("--version", action="version", version=f"kdviewer {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("gui", help="open the viewer (default)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="images, DICOM files or series folders to open")
+    _add_model(p, runtime=False)
+    p.set_defaults(func=cmd_gui)
+
+    p = sub.add_parser("classify", help="classify every image under a folder into a CSV (resumable)")
+    p.add_argument("folder", help="folder searched recursively (PNG, JPEG, TIFF, DICOM; CT series grouped)")
+    p.add_argument("-o", "--output", required=True, help="results CSV (rerun with the same file to resume)")
+    _add_model(p)
+    p.add_argument("--teacher", action="store_true", help="also run the teacher and flag disagreements")
+    p.add_argument("--json", metavar="FILE", help="also write JSON (.jsonl: one object per line, as it goes)")
+    p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG per case into DIR")
+    p.add_argument("--workers", type=int, default=2, help="decoder processes (0 = decode in-process)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("predict", help="classify one image, DICOM file or CT-series folder")
+    p.add_argument("file")
+    _add_model(p)
+    p.add_argument("--teacher", action="store_true", help="compare with the teacher")
+    p.add_argument("--frames", choices=("auto", "all", "middle"), default="auto",
+                   help="which frames: auto = every slice of a CT volume, else the middle one")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("render", help="render a case (with prediction and saliency) to a PNG")
+    p.add_argument("case")
+    p.add_argument("-o", "--output", required=True)
+    _add_model(p, runtime=False)
+    p.add_argument("--teacher", action="store_true")
+    p.add_argument("--saliency", metavar="METHOD", default=None,
+                   help="gradcam, gradcam++, scorecam, eigencam, layercam or hirescam")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("info", help="summary of an image / series (safe tags only) or of a model bundle")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    """Insert "gui" unless a subcommand (or top-level -h/--version) is given."""
+    for i, arg in enumerate(argv):
+        if arg in SUBCOMMANDS:
+            return argv
+        if arg in ("-h", "--help", "--version"):
+            return argv
+        if arg in ("-v", "--verbose"):
+            continue
+        return [*argv[:i], "gui", *argv[i:]]
+    return [*argv, "gui"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_with_default_command(args_list))
+    except SystemExit as exc:  # argparse: --help / --version exit 0, usage errors exit 2
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "classify" and (args.workers < 0 or args.batch_size < 1):
+        print("kdviewer: error: --workers must be >= 0 and --batch-size >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("kdviewer: interrupted" + ("; rerun the same command to resume" if args.command == "classify"
+                                         else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KDViewerError as exc:
+        print(f"kdviewer: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"kdviewer: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The jobs the viewer runs in its workers: load a case, classify, compare, saliency, thumbnails, bundles.
+
+Qt-free: each function takes a cancel token (anything with ``check()``) and returns plain objects, so
+the same calls serve the window, `render` and the benchmark. They only *call* the imaging, models and
+inference rooms; nothing here decides anything clinical.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from kdviewer.imaging.study import Study
+
+
+class Token(Protocol):
+    def check(self) -> None: ...
+
+
+class _NoToken:
+    def check(self) -> None:
+        return None
+
+
+NO_TOKEN = _NoToken()
+
+#: torch intra-op threads for interactive work. Prediction and saliency run in two parallel workers,
+#: one thread each: on a 2-core machine that uses both cores without oversubscribing them (spinning
+#: OpenMP threads made torch ~10x slower when other processes competed for the cores).
+DEFAULT_THREADS = 1
+
+_locks: weakref.WeakKeyDictionary[Any, dict[str, threading.Lock]] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads for the viewer ($KDVIEWER_THREADS overrides); returns the count."""
+    n = threads or int(os.environ.get("KDVIEWER_THREADS", "0") or 0) or DEFAULT_THREADS
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except Exception:  # torch missing: inference will say so when it is needed
+        pass
+    return n
+
+
+def model_lock(classifier: Any, role: str) -> threading.Lock:
+    """One lock per torch network of a classifier: CAM hooks must never see another job's forward pass."""
+    with _locks_guard:
+        per = _locks.setdefault(classifier, {})
+        return per.setdefault(role, threading.Lock())
+
+
+def _student_is_torch(classifier: Any) -> bool:
+    return type(getattr(classifier, "student", None)).__name__ == "TorchRuntime"
+
+
+def load_case(path: str | os.PathLike, token: Token = NO_TOKEN) -> Study:
+    from kdviewer.imaging import load
+
+    token.check()
+    return load(Path(path))
+
+
+def load_for_display(path: str | os.PathLike, token: Token = NO_TOKEN) -> tuple[Study, np.ndarray]:
+    """The study and the uint8 pixels of its middle frame in its default window (for the canvas)."""
+    from kdviewer.imaging.windowing import display_frame
+
+    study = load_case(path, token)
+    token.check()
+    return study, display_frame(study, study.middle_index())
+
+
+def thumbnail(path: str | os.PathLike, size: int = 96, token: Token = NO_TOKEN) -> np.ndarray:
+    """uint8 (h, w) preview of a case (middle frame, default window), longest side ``size``."""
+    from PIL import Image
+
+    from kdviewer.imaging.windowing import display_frame
+
+    study = load_case(path, token)
+    token.check()
+    img = display_frame(study, study.middle_index())
+    pil = Image.fromarray(img)
+    pil.thumbnail((size, size), Image.BILINEAR)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def load_classifier(
+    path: str | os.PathLike,
+    load_teacher: bool = False,
+    threads: int = 2,
+    warmup: bool = True,
+    token: Token = NO_TOKEN,
+) -> Any:
+    """Open a bundle and build its `Classifier`; a warm-up run keeps the first real answer fast."""
+    from kdviewer.inference.predict import Classifier
+
+    clf = Classifier(Path(path), use_int8="auto", threads=threads, load_teacher=load_teacher)
+    configure_threads(threads)
+    token.check()
+    if warmup:
+        pre = clf.pre
+        dummy = Study(np.random.default_rng(0).random((pre.input_size, pre.input_size), dtype=np.float32))
+        clf.predict(dummy)
+        if load_teacher and clf.has_teacher:
+            clf.predict(dummy, role="teacher")
+        token.check()
+        try:  # builds the student's torch network and imports grad-cam now, not on the first case
+            from kdviewer.inference.saliency import saliency
+
+            with model_lock(clf, "student"):
+                saliency(clf, dummy, "gradcam", role="student")
+        except Exception:  # saliency problems are reported when the user asks for a map
+            pass
+    return clf
+
+
+@dataclass
+class AnalysisResult:
+    prediction: Any  # student Prediction
+    comparison: Any | None  # Comparison when the teacher ran
+    seconds: float
+
+
+def analyse(classifier: Any, study: Study, compare: bool, token: Token = NO_TOKEN) -> AnalysisResult:
+    """Student prediction (every slice for a CT volume), plus the teacher when ``compare``."""
+    t0 = time.perf_counter()
+    token.check()
+    teacher = compare and classifier.has_teacher
+    with ExitStack() as stack:
+        if _student_is_torch(classifier):
+            stack.enter_context(model_lock(classifier, "student"))
+        if teacher:
+            stack.enter_context(model_lock(classifier, "teacher"))
+        if teacher:
+            comp = classifier.compare(study)
+            return AnalysisResult(comp.student, comp, time.perf_counter() - t0)
+        pred = classifier.predict(study)
+    return AnalysisResult(pred, None, time.perf_counter() - t0)
+
+
+@dataclass
+class SaliencyResult:
+    frame: int
+    method: str
+    target: int | None
+    maps: dict[str, Any] = field(default_factory=dict)  # role -> SaliencyMap
+    agreement: float | None = None
+    seconds: float = 0.0
+
+
+def heatmap_of(smap: Any) -> np.ndarray:
+    return np.asarray(getattr(smap, "heatmap", smap), dtype=np.float32)
+
+
+def compute_saliency(
+    classifier: Any,
+    study: Study,
+    method: str,
+    target: int | None,
+    roles: list[str],
+    frame: int,
+    token: Token = NO_TOKEN,
+    cache: dict | None = None,
+) -> SaliencyResult:
+    """Saliency maps for the requested roles on one frame; reuses ``cache`` entries (keyed by the request)."""
+    from kdviewer.inference import saliency as sal
+
+    t0 = time.perf_counter()
+    out = SaliencyResult(frame, method, target)
+    for role in roles:
+        token.check()
+        key = (role, frame, method, target)
+        if cache is not None and key in cache:
+            out.maps[role] = cache[key]
+            continue
+        with model_lock(classifier, role):
+            token.check()
+            smap = sal.saliency(classifier, study, method, target_class=target, role=role, frame=frame)
+        out.maps[role] = smap
+        if cache is not None:
+            cache[key] = smap
+    if "student" in out.maps and "teacher" in out.maps:
+        try:
+            out.agreement = float(sal.saliency_agreement(out.maps["student"], out.maps["teacher"]))
+        except Exception:
+            out.agreement = None
+    out.seconds = time.perf_counter() - t0
+    return out

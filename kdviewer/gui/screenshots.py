@@ -1,0 +1,92 @@
+"""Screenshots of the real, shown main window for the docs (run under Xvfb or on a desktop).
+
+    xvfb-run -s "-screen 0 1600x1000x24" python -m kdviewer.gui.screenshots docs/screenshots
+
+Writes ``cxr_saliency_teacher.png`` (DICOM radiograph, student vs teacher, side-by-side Grad-CAM),
+``ct_lung_window.png`` (CT series, lung window, per-slice strip) and ``error_state.png`` (a damaged file)
+using the demo bundle and the shipped samples (or --bundle / --cxr / --ct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from PySide6.QtCore import QSettings
+
+from kdviewer.gui import logic
+
+
+def _shoot(win, path: Path) -> Path:
+    from PySide6.QtWidgets import QApplication
+
+    for _ in range(5):
+        QApplication.processEvents()
+    win.grab().save(str(path), "PNG")
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default="docs/screenshots")
+    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--cxr", default=None, help="radiograph (default: the shipped DICOM sample)")
+    ap.add_argument("--ct", default=None, help="CT series folder (default: the shipped sample)")
+    ap.add_argument("--size", default="1600x1000")
+    args = ap.parse_args(argv)
+
+    from kdviewer.gui.app import ensure_app, initial_bundle
+    from kdviewer.gui.main_window import MainWindow
+
+    app = ensure_app(offscreen_if_headless=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = logic.resources_dir() / "samples"
+    cxr = Path(args.cxr) if args.cxr else samples / "cxr_synthetic.dcm"
+    ct = Path(args.ct) if args.ct else samples / "ct_synthetic"
+    tmp = Path(tempfile.mkdtemp(prefix="kdviewer-shots-"))
+    settings = QSettings(str(tmp / "shots.ini"), QSettings.Format.IniFormat)
+    w, h = (int(v) for v in args.size.split("x"))
+    win = MainWindow(settings=settings, restore=False)
+    win.resize(w, h)
+    win.show()
+    bundle = initial_bundle(args.bundle, settings)
+    if bundle:
+        win.load_bundle(bundle)
+        win.wait_idle(300)
+
+    # 1. CXR with teacher comparison and side-by-side saliency
+    win.set_compare(True)
+    win.saliency_panel.method.setCurrentText("gradcam")
+    win.saliency_panel.set_mode("side")
+    win.saliency_panel.enabled.setChecked(True)
+    win.open_path(cxr)
+    win.wait_idle(300)
+    _shoot(win, out / "cxr_saliency_teacher.png")
+
+    # 2. CT in the lung window, student saliency on the middle slice
+    win.saliency_panel.set_mode("student")
+    win.open_path(ct)
+    win.wait_idle(300)
+    win.apply_preset("lung")
+    win.wait_idle(300)
+    _shoot(win, out / "ct_lung_window.png")
+
+    # 3. An error state: a truncated PNG
+    broken = tmp / "damaged_scan.png"
+    src = samples / "cxr_synthetic.png"
+    broken.write_bytes(src.read_bytes()[:200] if src.is_file() else b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    win.open_path(broken)
+    win.wait_idle(60)
+    _shoot(win, out / "error_state.png")
+
+    win.runner.shutdown()
+    win.close()
+    app.processEvents()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Out-of-distribution guard: how unlike the training data a case looks, from penultimate features.
+
+Score = Mahalanobis distance (square root of the quadratic form) of a feature vector to the mean of
+the training features, with a Ledoit-Wolf shrunk covariance so that a few hundred samples of a
+512-dimensional feature still give a well-conditioned precision matrix. Statistics live in the
+bundle's ``ood.npz`` (arrays "mean" (D,) and "precision" (D, D)); the warning threshold is
+``manifest.ood.threshold`` (by convention the 99th percentile of validation scores). Higher = less
+like the training data. numpy + scikit-learn only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def fit_ood_stats(features: np.ndarray) -> dict[str, np.ndarray]:
+    """Fit the guard's statistics on (N, D) in-distribution features (e.g. the training set).
+
+    Returns {"mean": (D,) float32, "precision": (D, D) float32}, ready for ``np.savez(..., **stats)``.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"fit_ood_stats needs (N>=2, D) features, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("fit_ood_stats: features contain NaN or inf")
+    lw = LedoitWolf(assume_centered=False).fit(x)
+    precision = lw.precision_
+    precision = (precision + precision.T) / 2.0  # exact symmetry, so the quadratic form is real >= 0
+    return {"mean": lw.location_.astype(np.float32), "precision": precision.astype(np.float32)}
+
+
+def ood_scores(features: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+    """Mahalanobis distance of each row of (N, D) (or one (D,)) feature vector -> (N,) float32."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None]
+    mean = np.asarray(stats["mean"], dtype=np.float64)
+    prec = np.asarray(stats["precision"], dtype=np.float64)
+    if x.shape[1] != mean.shape[0]:
+        raise ValueError(f"feature size {x.shape[1]} does not match OOD statistics ({mean.shape[0]})")
+    d = x - mean
+    q = np.einsum("nd,de,ne->n", d, prec, d)
+    return np.sqrt(np.maximum(q, 0.0)).astype(np.float32)
+
+
+def save_ood_stats(path: str | Path, stats: dict[str, np.ndarray]) -> Path:
+    """Write stats as ``ood.npz`` (plain arrays; read back with allow_pickle=False)."""
+    path = Path(path)
+    np.savez(path, mean=np.asarray(stats["mean"]), precision=np.asarray(stats["precision"]))
+    return path
+
+
+def load_ood_stats(path: str | Path) -> dict[str, np.ndarray]:
+    """Read an ``ood.npz`` without unpickling anything; ValueError when arrays are missing/malformed."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        missing = {"mean", "precision"} - set(data.files)
+        if missing:
+            raise ValueError(f"{Path(path).name} lacks arrays: {', '.join(sorted(missing))}")
+        mean = np.asarray(data["mean"], dtype=np.float32)
+        prec = np.asarray(data["precision"], dtype=np.float32)
+    if mean.ndim != 1 or prec.shape != (mean.shape[0], mean.shape[0]):
+        raise ValueError(f"{Path(path).name}: mean {mean.shape} and precision {prec.shape} do not match")
+    return {"mean": mean, "precision": prec}
+
+
+@dataclass
+class OodGuard:
+    """Scores features and flags those above ``threshold`` (from ``manifest.ood.threshold``)."""
+
+    stats: dict[str, np.ndarray]
+    threshold: float
+
+    @property
+    def dim(self) -> int:
+        return int(np.asarray(self.stats["mean"]).shape[0])
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        return ood_scores(features, self.stats)
+
+    def flag(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (N,), flags (N,) bool): True = does not look like the training data."""
+        s = self.score(features)
+        return s, s > self.threshold
+
+
+def threshold_from_scores(scores: np.ndarray, percentile: float = 99.0) -> float:
+    """The usual threshold: a high percentile of in-distribution (validation) scores."""
+    return float(np.percentile(np.asarray(scores, dtype=np.float64), percentile))

@@ -1,0 +1,403 @@
+"""Predict and compare: a `Study` in, calibrated probabilities, a label, an OOD score and timings out.
+
+`Classifier` owns a bundle's runtimes: the deployed student on ONNX Runtime (INT8 when available and
+allowed, else fp32; torch only when the bundle has no ONNX), the teacher on torch (loaded on demand),
+and the OOD guard. Preprocessing is exactly `kdviewer.models.preprocess` with the manifest's settings.
+
+Probabilities: ``softmax(logits / T)`` for single-label tasks, ``sigmoid(logits / T)`` for multi-label
+ones, T = ``manifest.calibration.temperature``; ``calibrated`` is True when T != 1 or a calibration was
+fitted (``ece_after`` recorded).
+
+CT volumes (``study.is_volume``): every slice is classified (``per_slice``) and the series aggregate
+is computed as follows, documented here because it is a clinical choice:
+
+* binary single-label task: the *positive* class probability of the series is the **maximum** over
+  slices (a finding on any slice makes the series positive); the other class gets ``1 - p``. The
+  positive class is ``manifest.positive_class`` or, if unset, the second class name;
+* single-label with more than two classes: the **mean** of slice probabilities;
+* multi-label: the **maximum** over slices, per label;
+* OOD: the series score is the **median** of slice scores (the few slices above or below the lungs
+  must not flag a whole chest CT), flagged when above the threshold.
+
+Teacher comparison: see `kdviewer.inference.compare` (total variation, Jensen-Shannon, disagreement
+flag when labels differ or TV > ``manifest.disagreement_threshold``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from kdviewer.errors import BundleError, InferenceError
+from kdviewer.imaging.study import Study
+from kdviewer.inference.compare import Comparison, compare_predictions
+from kdviewer.inference.ood import OodGuard, load_ood_stats
+from kdviewer.models.bundle import Bundle, open_bundle
+from kdviewer.models.preprocess import preprocess_frame
+from kdviewer.models.runtime import OrtRuntime, Runtime, TorchRuntime
+
+log = logging.getLogger(__name__)
+
+Frames = None | Literal["all", "middle"] | list[int]
+#: Largest chunk of slices sent to a runtime at once (bounded memory for long CT series).
+CHUNK = 32
+#: "auto" deploys INT8 when the exporter recommended it (``int8_parity["recommended"] == 1``), or, for
+#: bundles without that flag, when its recorded top-1 agreement with fp32 is at least this.
+INT8_MIN_AGREEMENT = 0.98
+
+
+# ------------------------------------------------------------------------------------------- maths
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    return (1.0 / (1.0 + np.exp(-np.clip(z, -80, 80)))).astype(np.float32)
+
+
+def energy_scores(logits: np.ndarray) -> np.ndarray:
+    """Negative free energy ``-logsumexp(logits)`` (higher = less like the training data)."""
+    z = np.asarray(logits, dtype=np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    return (-(m[:, 0] + np.log(np.exp(z - m).sum(axis=-1)))).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------- dataclasses
+
+
+@dataclass
+class Prediction:
+    """One model's answer for one case (one image, one chosen frame, or a whole CT series)."""
+
+    class_names: list[str]
+    probabilities: np.ndarray  # (K,) float32; series aggregate for volumes
+    label: str
+    label_index: int
+    task: str = "single-label"
+    role: str = "student"
+    runtime: str = ""
+    calibrated: bool = False
+    temperature: float = 1.0
+    ood_score: float | None = None
+    ood_flag: bool | None = None
+    ood_threshold: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # preprocess_ms, inference_ms, total_ms
+    frames: list[int] = field(default_factory=list)
+    aggregate: str | None = None  # how a series aggregate was computed ("max-positive", "mean", ...)
+    per_slice: list[dict[str, Any]] | None = None  # [{"index", "probabilities", "label", "ood_score"}]
+    logits: np.ndarray | None = None  # (n_frames, K)
+    positives: list[str] = field(default_factory=list)  # multi-label: labels with p >= 0.5
+
+    @property
+    def probability(self) -> float:
+        """Probability of the predicted label."""
+        return float(self.probabilities[self.label_index])
+
+    def prob_of(self, name: str) -> float:
+        return float(self.probabilities[self.class_names.index(name)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "task": self.task,
+            "label": self.label,
+            "label_index": self.label_index,
+            "probabilities": {n: float(p) for n, p in zip(self.class_names, self.probabilities, strict=True)},
+            "positives": list(self.positives),
+            "calibrated": self.calibrated,
+            "temperature": self.temperature,
+            "ood_score": None if self.ood_score is None else float(self.ood_score),
+            "ood_flag": self.ood_flag,
+            "ood_threshold": self.ood_threshold,
+            "runtime": self.runtime,
+            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
+            "frames": list(self.frames),
+            "aggregate": self.aggregate,
+            "per_slice": self.per_slice,
+        }
+
+
+# -------------------------------------------------------------------------------------- classifier
+
+
+def _frame_indices(study: Study, frames: Frames) -> list[int]:
+    n = study.n_frames
+    if frames is None:
+        return list(range(n)) if study.is_volume else [study.middle_index()]
+    if frames == "all":
+        return list(range(n))
+    if frames == "middle":
+        return [study.middle_index()]
+    idx = [int(i) for i in frames]
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad or not idx:
+        raise InferenceError(f"frame indices {bad or idx} are outside this study (0..{n - 1})")
+    return idx
+
+
+class Classifier:
+    """A bundle ready to classify: student runtime, optional teacher, OOD guard.
+
+    Args:
+        bundle: a `Bundle` or a path to one.
+        use_int8: True = INT8 ONNX (error if absent), False = fp32 ONNX, "auto" = INT8 when present
+            and recommended by the exporter's parity check (``manifest.int8_parity``), else fp32.
+        threads: ONNX Runtime intra-op threads.
+        load_teacher: build the teacher now (otherwise on the first `compare`).
+        device: torch device for the teacher and saliency ("auto": cuda > mps > cpu).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        use_int8: bool | Literal["auto"] = "auto",
+        threads: int = 2,
+        load_teacher: bool = False,
+        device: str = "cpu",
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+        self.manifest = self.bundle.manifest
+        self.pre = self.manifest.preprocessing
+        self.class_names = list(self.manifest.class_names)
+        self.multi_label = self.manifest.task == "multi-label"
+        self.temperature = float(self.manifest.calibration.temperature)
+        self.calibrated = self.temperature != 1.0 or self.manifest.calibration.ece_after is not None
+        self.threads = threads
+        self.device = device
+        self._torch_models: dict[str, Any] = {}
+        self._teacher_rt: Runtime | None = None
+        self.input_shape = (self.pre.channels, self.pre.input_size, self.pre.input_size)
+        self.int8 = False
+        self.student = self._make_student(use_int8)
+        self.ood = self._make_guard()
+        if load_teacher:
+            self.teacher_runtime()
+
+    # -- construction -----------------------------------------------------------------------------
+    def _make_student(self, use_int8: bool | Literal["auto"]) -> Runtime:
+        spec = self.manifest.student
+        if use_int8 is True and not spec.onnx_int8:
+            raise BundleError(f"{self.bundle.source}: this bundle has no INT8 student model")
+        parity = self.manifest.int8_parity
+        auto_ok = parity.get("recommended", 0.0) >= 1.0 or (
+            "recommended" not in parity and parity.get("agreement", 0.0) >= INT8_MIN_AGREEMENT
+        )
+        want_int8 = bool(spec.onnx_int8) and (use_int8 is True or (use_int8 == "auto" and auto_ok))
+        if want_int8 or spec.onnx:
+            self.int8 = want_int8
+            path = self.bundle.onnx_path(int8=want_int8)
+            label = f"onnxruntime {'int8' if want_int8 else 'fp32'} {spec.architecture}"
+            return OrtRuntime(path, threads=self.threads, label=label)  # type: ignore[arg-type]
+        return TorchRuntime(
+            self.torch_model("student"), self.device, input_shape=self.input_shape,
+            label=f"torch fp32 {spec.architecture}",
+        )
+
+    def _make_guard(self) -> OodGuard | None:
+        spec = self.manifest.ood
+        if spec is None or spec.method != "mahalanobis" or not spec.stats:
+            return None
+        try:
+            stats = load_ood_stats(self.bundle.path(spec.stats))
+        except (ValueError, OSError) as exc:
+            raise BundleError(f"{self.bundle.source}: OOD statistics {spec.stats} unreadable: {exc}") from exc
+        return OodGuard(stats, float(spec.threshold))
+
+    def torch_model(self, role: Literal["student", "teacher"] = "student") -> Any:
+        """The torch network of ``role`` (built once from the bundle's state dict; for saliency)."""
+        if role not in self._torch_models:
+            from kdviewer.models.runtime import select_device
+
+            self._torch_models[role] = self.bundle.build_torch(role).to(select_device(self.device))
+        return self._torch_models[role]
+
+    def teacher_runtime(self) -> Runtime:
+        if self._teacher_rt is None:
+            if not self.bundle.has_teacher:
+                raise BundleError(f"{self.bundle.source}: this bundle has no teacher weights to compare with")
+            arch = self.manifest.teacher.architecture  # type: ignore[union-attr]
+            self._teacher_rt = TorchRuntime(
+                self.torch_model("teacher"), self.device, input_shape=self.input_shape,
+                label=f"torch fp32 {arch}",
+            )
+        return self._teacher_rt
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.bundle.has_teacher
+
+    # -- low level --------------------------------------------------------------------------------
+    def preprocess(self, study: Study, frames: Frames = None) -> tuple[np.ndarray, list[int]]:
+        idx = _frame_indices(study, frames)
+        batch = np.stack([preprocess_frame(study.frames[i], self.pre, study) for i in idx])
+        return batch, idx
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        fn = sigmoid if self.multi_label else softmax
+        return fn(logits, self.temperature)
+
+    def _run(self, runtime: Runtime, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = [runtime.predict(batch[i : i + CHUNK]) for i in range(0, len(batch), CHUNK)]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+    def _ood(self, logits: np.ndarray, feats: np.ndarray) -> np.ndarray | None:
+        spec = self.manifest.ood
+        if spec is not None and spec.method == "energy":
+            return energy_scores(logits)
+        if self.ood is None or feats.shape[1] != self.ood.dim:
+            return None
+        return self.ood.score(feats)
+
+    def _label(self, probs: np.ndarray) -> tuple[str, int, list[str]]:
+        k = int(np.argmax(probs))
+        if not self.multi_label:
+            return self.class_names[k], k, []
+        pos = [n for n, p in zip(self.class_names, probs, strict=True) if p >= 0.5]
+        return (", ".join(pos) if pos else "none above 0.5"), k, pos
+
+    def _positive_index(self) -> int:
+        if self.manifest.positive_class is not None:
+            return self.class_names.index(self.manifest.positive_class)
+        return 1
+
+    def _aggregate(self, probs: np.ndarray) -> tuple[np.ndarray, str]:
+        if len(probs) == 1:
+            return probs[0], "single"
+        if self.multi_label:
+            return probs.max(axis=0), "max"
+        if len(self.class_names) == 2:
+            pi = self._positive_index()
+            agg = np.empty(2, np.float32)
+            agg[pi] = probs[:, pi].max()
+            agg[1 - pi] = 1.0 - agg[pi]
+            return agg, f"max-{self.class_names[pi]}"
+        return probs.mean(axis=0), "mean"
+
+    def _prediction(
+        self,
+        logits: np.ndarray,
+        feats: np.ndarray,
+        idx: list[int],
+        role: str,
+        runtime: Runtime,
+        timings: dict[str, float],
+        per_slice: bool,
+    ) -> Prediction:
+        probs = self.probabilities(logits)
+        scores = self._ood(logits, feats) if role == "student" else None
+        agg, how = self._aggregate(probs)
+        label, k, pos = self._label(agg)
+        ood_score = ood_flag = threshold = None
+        if scores is not None and self.manifest.ood is not None:
+            ood_score = float(np.median(scores))
+            threshold = float(self.manifest.ood.threshold)
+            ood_flag = bool(ood_score > threshold)
+        slices = None
+        if per_slice:
+            slices = []
+            for j, i in enumerate(idx):
+                lab, _, _ = self._label(probs[j])
+                slices.append(
+                    {
+                        "index": i,
+                        "probabilities": [float(p) for p in probs[j]],
+                        "label": lab,
+                        "ood_score": None if scores is None else float(scores[j]),
+                    }
+                )
+        return Prediction(
+            class_names=self.class_names,
+            probabilities=np.asarray(agg, np.float32),
+            label=label,
+            label_index=k,
+            task=self.manifest.task,
+            role=role,
+            runtime=runtime.name,
+            calibrated=self.calibrated,
+            temperature=self.temperature,
+            ood_score=ood_score,
+            ood_flag=ood_flag,
+            ood_threshold=threshold,
+            timings=timings,
+            frames=list(idx),
+            aggregate=how if len(idx) > 1 else None,
+            per_slice=slices,
+            logits=logits,
+            positives=pos,
+        )
+
+    # -- public -----------------------------------------------------------------------------------
+    def predict(self, study: Study, frames: Frames = None, role: Literal["student", "teacher"] = "student"
+                ) -> Prediction:
+        """Classify a study. ``frames``: None = middle frame of an image / every slice of a CT volume;
+        "all"; "middle"; or a list of frame indices."""
+        t0 = time.perf_counter()
+        batch, idx = self.preprocess(study, frames)
+        t1 = time.perf_counter()
+        runtime = self.student if role == "student" else self.teacher_runtime()
+        logits, feats = self._run(runtime, batch)
+        t2 = time.perf_counter()
+        timings = {"preprocess_ms": (t1 - t0) * 1e3, "inference_ms": (t2 - t1) * 1e3}
+        pred = self._prediction(logits, feats, idx, role, runtime, timings, per_slice=len(idx) > 1)
+        pred.timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        return pred
+
+    def compare(self, study: Study, frames: Frames = None) -> Comparison:
+        """Student and teacher on the same input (preprocessed once)."""
+        t0 = time.perf_counter()
+        batch, idx = self.preprocess(study, frames)
+        pre_ms = (time.perf_counter() - t0) * 1e3
+        preds = []
+        for role, rt in (("student", self.student), ("teacher", self.teacher_runtime())):
+            t1 = time.perf_counter()
+            logits, feats = self._run(rt, batch)
+            inf_ms = (time.perf_counter() - t1) * 1e3
+            preds.append(self._prediction(logits, feats, idx, role, rt,
+                                          {"preprocess_ms": pre_ms, "inference_ms": inf_ms,
+                                           "total_ms": pre_ms + inf_ms}, per_slice=len(idx) > 1))
+        return self.compare_predictions(preds[0], preds[1])
+
+    def compare_predictions(self, student: Prediction, teacher: Prediction) -> Comparison:
+        return compare_predictions(student, teacher, self.manifest.disagreement_threshold, self.multi_label)
+
+    def predict_batch(
+        self, inputs: list[np.ndarray] | np.ndarray, role: Literal["student", "teacher"] = "student"
+    ) -> list[Prediction]:
+        """Classify already preprocessed inputs, one (C, S, S) array (or (n, C, S, S) series) per case.
+
+        Each case is one `Prediction` (a series of n slices is aggregated as in `predict`); the
+        inference runs over all cases in chunks, so this is the fast path for batch mode.
+        """
+        arrays = [np.asarray(a, np.float32) for a in inputs]
+        arrays = [a[None] if a.ndim == 3 else a for a in arrays]
+        if not arrays:
+            return []
+        sizes = [len(a) for a in arrays]
+        runtime = self.student if role == "student" else self.teacher_runtime()
+        t1 = time.perf_counter()
+        logits, feats = self._run(runtime, np.concatenate(arrays))
+        per_image_ms = (time.perf_counter() - t1) * 1e3 / max(1, len(logits))
+        out, start = [], 0
+        for n in sizes:
+            sl = slice(start, start + n)
+            start += n
+            timings = {"inference_ms": per_image_ms * n}
+            out.append(self._prediction(logits[sl], feats[sl], list(range(n)), role, runtime, timings,
+                                        per_slice=n > 1))
+        return out
+
+    def compare_batch(self, inputs: list[np.ndarray] | np.ndarray) -> list[Comparison]:
+        students = self.predict_batch(inputs, "student")
+        teachers = self.predict_batch(inputs, "teacher")
+        return [self.compare_predictions(s, t) for s, t in zip(students, teachers, strict=True)]

@@ -1,0 +1,190 @@
+"""Batch classification: mixed folders, error rows, resume after a kill, cancel, teacher + heatmaps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _bundles import ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_dicom, write_png
+from PIL import Image
+
+from kdviewer.batch import BatchError, BatchProgress, csv_columns, run_batch, scan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good PNG/JPEG/DICOM files, a CT series, a corrupt DICOM, a text file and a 0-byte file."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_png(root / "png" / f"case{i}.png", cxr_phantom(rng, positive=bool(i % 2))[0])
+    Image.fromarray(cxr_phantom(rng, True)[0]).save(root / "png" / "photo.jpg", quality=92)
+    write_dicom(root / "dicom" / "cr1.dcm", cxr_phantom(rng, False)[0].astype(np.uint16) * 8)
+    write_ct_series(root / "ct" / "series1", ct_volume(rng, n=4, size=64))
+    good = (root / "dicom" / "cr1.dcm").read_bytes()
+    (root / "dicom" / "corrupt.dcm").write_bytes(good[: len(good) // 3])  # header fine, pixels cut
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "empty.png").write_bytes(b"")
+    (root / ".hidden.png").write_bytes(b"skipped")
+    return root
+
+
+def test_scan_groups_series_and_reports_non_images(mixed: Path) -> None:
+    cases = scan(mixed)
+    by_type = Counter(c.case_type for c in cases)
+    assert by_type == {"image": 6, "series": 1, "error": 2}
+    series = next(c for c in cases if c.case_type == "series")
+    assert series.path == str(mixed / "ct" / "series1") and len(series.files) == 4
+    errors = {Path(c.path).name: c.error for c in cases if c.case_type == "error"}
+    assert "0 bytes" in errors["empty.png"] and "not a supported image" in errors["notes.txt"]
+    assert not any(".hidden" in c.path for c in cases)
+
+
+def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None:
+    out, js = tmp_path / "res.csv", tmp_path / "res.json"
+    seen: list[BatchProgress] = []
+    s = run_batch(mixed, cxr_bundle().path, out, json_out=js, workers=2, batch_size=4, progress=seen.append)
+    rows = _rows(out)
+    assert list(rows[0]) == csv_columns(["normal", "nodule"], teacher=False)
+    assert len(rows) == 9 == s.total_cases == s.processed and s.skipped == 0
+    by_name = {Path(r["path"].split("#")[0]).name: r for r in rows}
+    for bad in ("corrupt.dcm", "notes.txt", "empty.png"):
+        assert by_name[bad]["error"] and by_name[bad]["case_type"] == "error" and not by_name[bad]["label"]
+    assert s.errors == 3
+    for good in ("case0.png", "case1.png", "case2.png", "photo.jpg", "cr1.dcm", "series1"):
+        r = by_name[good]
+        assert not r["error"] and r["label"] in ("normal", "nodule")
+        assert abs(float(r["prob_normal"]) + float(r["prob_nodule"]) - 1) < 1e-4
+        assert r["ood_score"] and r["ood_flag"] in ("true", "false")
+        assert float(r["t_decode_ms"]) > 0 and float(r["t_infer_ms"]) >= 0
+    assert by_name["series1"]["case_type"] == "series" and by_name["series1"]["n_frames"] == "4"
+    assert by_name["series1"]["series_uid"] and by_name["series1"]["study_uid"]
+    assert by_name["cr1.dcm"]["sop_uid"] and by_name["cr1.dcm"]["series_uid"]
+    assert by_name["series1"]["ood_flag"] == "true"  # a CT series given to an X-ray model
+    data = json.loads(js.read_text())
+    assert len(data) == 9 and isinstance(data[0]["prob_normal"], float | type(None))
+    assert seen and seen[-1].done == 9 and seen[-1].total == 9 and seen[-1].rate > 0
+    # restart with the same output: nothing is redone, nothing duplicated
+    before = out.read_bytes()
+    s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
+    assert s2.processed == 0 and s2.skipped == 9
+    assert out.read_bytes() == before
+
+
+def test_torn_last_line_is_repaired_on_resume(mixed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "res.csv"
+    cases = scan(mixed)
+    run_batch(mixed, cxr_bundle().path, out, workers=0, cases=cases[:4])
+    text = out.read_text()
+    out.write_text(text + text.splitlines()[-1][:17])  # a half-written row after a kill
+    run_batch(mixed, cxr_bundle().path, out, workers=0)
+    paths = [r["path"] for r in _rows(out)]
+    assert len(paths) == len(set(paths)) == 9
+
+
+def test_cancel_then_resume(mixed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "res.csv"
+    stop = threading.Event()
+
+    def progress(p: BatchProgress) -> None:
+        if p.done >= 4:
+            stop.set()
+
+    s = run_batch(mixed, cxr_bundle().path, out, workers=0, batch_size=1, progress=progress, cancel=stop)
+    assert s.cancelled and 4 <= s.processed < 9
+    s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
+    assert s2.skipped == s.processed and s.processed + s2.processed == 9
+    paths = [r["path"] for r in _rows(out)]
+    assert len(paths) == len(set(paths)) == 9
+
+
+def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None:
+    out, heat, jl = tmp_path / "t.csv", tmp_path / "heat", tmp_path / "t.jsonl"
+    s = run_batch(mixed, cxr_bundle().path, out, teacher=True, heatmaps_dir=heat, json_out=jl, workers=0)
+    rows = _rows(out)
+    assert "teacher_prob_nodule" in rows[0]
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 6
+    for r in good:
+        assert r["teacher_label"] in ("normal", "nodule") and r["disagreement"] in ("true", "false")
+        assert 0.0 <= float(r["divergence"]) <= 1.0
+        assert r["heatmap"] and Path(r["heatmap"]).is_file()
+        png = np.asarray(Image.open(r["heatmap"]))
+        assert png.ndim == 3 and png.shape[2] == 3
+    assert s.disagreements == sum(r["disagreement"] == "true" for r in good)
+    assert len(jl.read_text().splitlines()) == 9
+    with pytest.raises(BatchError, match="different columns"):
+        run_batch(mixed, cxr_bundle().path, out, teacher=False, workers=0)
+
+
+def test_missing_folder_is_a_run_failure(tmp_path: Path) -> None:
+    with pytest.raises(BatchError, match="not found"):
+        run_batch(tmp_path / "nope", cxr_bundle().path, tmp_path / "x.csv")
+
+
+def test_killed_classify_resumes_with_each_file_once(tmp_path: Path) -> None:
+    """`kdviewer classify` in a subprocess, SIGKILLed after a few rows, then rerun to completion."""
+    folder = tmp_path / "cases"
+    rng = np.random.default_rng(1)
+    n = 40
+    for i in range(n):
+        write_png(folder / f"{i:03d}.png", cxr_phantom(rng, bool(i % 2))[0])
+    out = tmp_path / "res.csv"
+    cmd = [sys.executable, "-m", "kdviewer.cli", "classify", str(folder), "-o", str(out),
+           "--model", str(cxr_bundle().path), "--batch-size", "1", "--workers", "1",
+           "--heatmaps", str(tmp_path / "heat"), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    rows_at_kill = 0
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists():
+                rows_at_kill = max(0, len(out.read_bytes().splitlines()) - 1)
+                if rows_at_kill >= 3:
+                    break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert 3 <= rows_at_kill < n
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already in res.csv" in done.stdout
+    paths = [Path(r["path"]).name for r in _rows(out)]
+    assert sorted(paths) == sorted(f"{i:03d}.png" for i in range(n))  # each file exactly once
+
+
+def test_real_chest_xrays(shared_data: Path, tmp_path: Path) -> None:
+    folder = shared_data / "real-cxr"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/real-cxr is absent")
+    cases = scan(folder)
+    images = [c for c in cases if c.case_type == "image"][:6]
+    others = [c for c in cases if c.case_type == "error"]
+    out = tmp_path / "real.csv"
+    s = run_batch(folder, cxr_bundle().path, out, workers=2, cases=images + others)
+    rows = _rows(out)
+    assert len(rows) == len(images) + len(others) == s.processed
+    assert all(not r["error"] and r["label"] for r in rows if r["case_type"] == "image")
+    assert all(r["error"] for r in rows if r["case_type"] == "error")  # e.g. labels.csv

@@ -1,0 +1,82 @@
+"""Atomic, weights-only checkpoints and the RNG state that makes ``--resume`` exact.
+
+A checkpoint is a plain dict of tensors and Python primitives written with `torch.save` to a temporary
+file in the same folder, flushed to disk and moved over the old one with `os.replace` (atomic on POSIX
+and Windows): a run killed while saving leaves the previous checkpoint intact. Reading uses
+``torch.load(weights_only=True)``; nothing but tensors, numbers, strings, lists and dicts goes in
+(the numpy RNG state is stored as a tensor, the Python one as lists).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+TEACHER = "teacher.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy and torch (CPU + every CUDA device) generator states, weights_only-safe."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    out: dict[str, Any] = {
+        "python": {"version": version, "state": list(state), "gauss": gauss},
+        "numpy": {
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np_s = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np_s["key"].numpy().astype(np.uint32), "pos": np_s["pos"]},
+            "has_gauss": np_s["has_gauss"],
+            "gauss": np_s["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a state dict (safe to keep while training continues)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

@@ -1,0 +1,293 @@
+"""Model complexity: parameters, GFLOPs, activation memory, file sizes and latency (torch / ORT / INT8).
+
+Definitions (so numbers from different runs compare):
+
+* ``params``: number of parameter elements (buffers such as BatchNorm running stats excluded).
+* ``gflops``: FLOPs of ONE forward pass at batch 1 and the manifest input size, counted by
+  ``torch.utils.flop_counter.FlopCounterMode``, divided by 1e9. The counter counts a
+  multiply-add as 2 FLOPs (ResNet-18 at 3x224x224 = 3.63 GFLOPs = 2 x 1.82 GMACs) and counts only
+  matmul/convolution-type ops (BatchNorm, ReLU, pooling are not counted).
+* ``activation_mb``: sum of the output tensor sizes of every leaf module in one batch-1 fp32
+  forward pass (forward hooks), in MiB: an upper-bound style estimate of activation memory for
+  inference without buffer reuse (training keeps roughly this much per image for backward).
+* ``state_dict_mb`` / ``onnx_mb`` / ``int8_mb``: bytes on disk of the weights / ONNX files.
+* latency: median wall time in milliseconds of ``runs`` batch-1 forward passes after ``warmup``
+  passes, with ``threads`` intra-op threads for both torch (``torch.set_num_threads``) and ONNX
+  Runtime. All runtimes (and student and teacher) are timed round-robin — one pass of each in turn
+  — so background load on a shared machine hits them equally; ratios are more trustworthy than
+  absolute times.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MIB = 1024.0 * 1024.0
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _example(model: nn.Module, channels: int, input_size: int) -> torch.Tensor:
+    try:
+        p = next(model.parameters())
+        device = p.device
+    except StopIteration:
+        device = torch.device("cpu")
+    return torch.randn(1, channels, input_size, input_size, device=device)
+
+
+def count_flops(model: nn.Module, input_size: int, channels: int) -> int:
+    """FLOPs (multiply-add = 2) of one batch-1 forward pass in eval mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(_example(model, channels, input_size))
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was_training)
+
+
+def activation_bytes(model: nn.Module, input_size: int, channels: int) -> int:
+    """Sum of output tensor bytes of all leaf modules in one batch-1 forward pass (eval mode)."""
+    total = 0
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        nonlocal total
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        for t in outs:
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(_example(model, channels, input_size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(total)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def round_robin_latency(
+    fns: dict[str, Callable[[], Any]], runs: int = 30, warmup: int = 5
+) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed one call of each in turn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, runs)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v) * 1000.0) for k, v in times.items()}
+
+
+def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    model = copy.deepcopy(model).to("cpu").float().eval()
+    x = x.to("cpu")
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _ort_runner(path: str | Path, x: np.ndarray, threads: int) -> Callable[[], Any]:
+    from kdviewer.models.onnx_export import ort_session
+
+    sess = ort_session(path, threads)
+    name = sess.get_inputs()[0].name
+    feed = {name: x}
+    return lambda: sess.run(None, feed)
+
+
+def static_complexity(model: nn.Module, input_size: int, channels: int) -> dict[str, float]:
+    """Params, GFLOPs, activation memory and weight size (no timing)."""
+    return {
+        "params": count_params(model),
+        "gflops": count_flops(model, input_size, channels) / 1e9,
+        "activation_mb": activation_bytes(model, input_size, channels) / MIB,
+        "state_dict_mb": state_dict_bytes(model) / MIB,
+    }
+
+
+def measure_complexity(
+    models: dict[str, nn.Module],
+    *,
+    input_size: int,
+    channels: int,
+    onnx: dict[str, str | Path] | None = None,
+    onnx_int8: dict[str, str | Path] | None = None,
+    threads: int = 2,
+    runs: int = 30,
+    warmup: int = 5,
+) -> dict[str, dict[str, Any]]:
+    """Complexity of each named model (e.g. {"student": s, "teacher": t}), latencies timed together.
+
+    ``onnx`` / ``onnx_int8`` map the same names to exported files; runtimes without a file are
+    skipped. Returns {name: {params, gflops, activation_mb, state_dict_mb, onnx_mb?, int8_mb?,
+    latency_ms: {"torch_fp32", "ort_fp32"?, "ort_int8"?}}}.
+    """
+    onnx, onnx_int8 = dict(onnx or {}), dict(onnx_int8 or {})
+    x = torch.randn(1, channels, input_size, input_size)
+    x_np = x.numpy()
+    out: dict[str, dict[str, Any]] = {}
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, model in models.items():
+        out[name] = static_complexity(model, input_size, channels)
+        fns[f"{name}/torch_fp32"] = _torch_runner(model, x)
+        if onnx.get(name):
+            out[name]["onnx_mb"] = Path(onnx[name]).stat().st_size / MIB
+            fns[f"{name}/ort_fp32"] = _ort_runner(onnx[name], x_np, threads)
+        if onnx_int8.get(name):
+            out[name]["int8_mb"] = Path(onnx_int8[name]).stat().st_size / MIB
+            fns[f"{name}/ort_int8"] = _ort_runner(onnx_int8[name], x_np, threads)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        lat = round_robin_latency(fns, runs=runs, warmup=warmup)
+    finally:
+        torch.set_num_threads(old_threads)
+    for key, ms in lat.items():
+        name, runtime = key.split("/", 1)
+        out[name].setdefault("latency_ms", {})[runtime] = ms
+    return out
+
+
+def compare_student_teacher(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    *,
+    input_size: int,
+    channels: int,
+    student_onnx: str | Path | None = None,
+    student_int8: str | Path | None = None,
+    teacher_onnx: str | Path | None = None,
+    teacher_int8: str | Path | None = None,
+    calibration: np.ndarray | None = None,
+    export_missing: bool = True,
+    threads: int = 2,
+    runs: int = 30,
+    warmup: int = 5,
+) -> dict[str, Any]:
+    """The complexity table of a run: student vs teacher, torch eager vs ORT fp32 vs ORT INT8.
+
+    With ``export_missing`` the student/teacher ONNX files that were not given are exported into a
+    temporary folder (and INT8-quantized when ``calibration`` training images are given), so that
+    every cell of the table is measured. Returns {"student": {...}, "teacher": {...}?,
+    "ratios": {...}, "settings": {...}} where ratios are teacher/student (GFLOPs, params, each
+    latency) and ``deployed_latency_ratio`` = student deployed (ORT, INT8 if faster) / teacher
+    (fastest runtime), the number the "student <= 1/4 of the teacher" goal refers to.
+    """
+    from kdviewer.models.onnx_export import export_onnx
+
+    models = {"student": student} if teacher is None else {"student": student, "teacher": teacher}
+    onnx = {"student": student_onnx, "teacher": teacher_onnx}
+    int8 = {"student": student_int8, "teacher": teacher_int8}
+    with tempfile.TemporaryDirectory(prefix="kd-complexity-") as tmp:
+        if export_missing:
+            for name, model in models.items():
+                if not onnx.get(name):
+                    onnx[name] = export_onnx(model, Path(tmp) / f"{name}.onnx", channels, input_size)
+                if not int8.get(name) and calibration is not None:
+                    from training.quantize import quantize_onnx
+
+                    try:
+                        int8[name] = quantize_onnx(onnx[name], Path(tmp) / f"{name}.int8.onnx", calibration)
+                    except Exception as exc:  # a missing INT8 cell is reported, not fatal
+                        log.warning("could not quantize %s for timing: %s", name, exc)
+        table = measure_complexity(
+            models,
+            input_size=input_size,
+            channels=channels,
+            onnx={k: v for k, v in onnx.items() if v and k in models},
+            onnx_int8={k: v for k, v in int8.items() if v and k in models},
+            threads=threads,
+            runs=runs,
+            warmup=warmup,
+        )
+    result: dict[str, Any] = dict(table)
+    result["settings"] = {
+        "input_size": input_size,
+        "channels": channels,
+        "threads": threads,
+        "runs": runs,
+        "warmup": warmup,
+        "batch": 1,
+        "flops_note": "GFLOPs of one batch-1 forward; a multiply-add counts as 2 FLOPs",
+    }
+    if "teacher" in table:
+        s, t = table["student"], table["teacher"]
+        ratios: dict[str, float] = {
+            "params_teacher_over_student": t["params"] / max(1, s["params"]),
+            "gflops_teacher_over_student": t["gflops"] / max(1e-12, s["gflops"]),
+        }
+        for runtime, ms in s.get("latency_ms", {}).items():
+            if runtime in t.get("latency_ms", {}):
+                ratios[f"latency_student_over_teacher_{runtime}"] = ms / t["latency_ms"][runtime]
+        s_lat = s.get("latency_ms", {})
+        t_lat = t.get("latency_ms", {})
+        s_deployed = (
+            min(v for k, v in s_lat.items() if k.startswith("ort"))
+            if any(k.startswith("ort") for k in s_lat)
+            else s_lat.get("torch_fp32")
+        )
+        t_best = min(t_lat.values()) if t_lat else None
+        if s_deployed and t_best:
+            ratios["deployed_latency_ratio"] = s_deployed / t_best
+        result["ratios"] = ratios
+    return result
+
+
+def complexity_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten a `compare_student_teacher` result into table rows (one per model)."""
+    rows = []
+    for name in ("student", "teacher"):
+        if name not in result:
+            continue
+        r = result[name]
+        lat = r.get("latency_ms", {})
+        rows.append(
+            {
+                "model": name,
+                "params_m": r["params"] / 1e6,
+                "gflops": r["gflops"],
+                "activation_mb": r["activation_mb"],
+                "state_dict_mb": r["state_dict_mb"],
+                "torch_fp32_ms": lat.get("torch_fp32"),
+                "ort_fp32_ms": lat.get("ort_fp32"),
+                "ort_int8_ms": lat.get("ort_int8"),
+            }
+        )
+    return rows

@@ -1,0 +1,406 @@
+"""L1 structured pruning that really removes channels, and the ``kd-train prune`` command.
+
+`prune_model` shrinks the *internal* channels of every residual block of a ResNet-style network
+(torchvision ``BasicBlock``: the output of ``conv1``; ``Bottleneck``: the outputs of ``conv1`` and
+``conv2``). For each such convolution the filters with the smallest L1 norm are dropped, and the
+convolution, the BatchNorm after it and the input side of the next convolution are rebuilt with
+fewer channels (weights of kept channels copied). Block outputs are untouched, so residual
+additions, downsample branches and the classifier keep their shapes: the network is a smaller
+network of the same topology, and params, FLOPs and latency drop for real (no masks).
+
+The pruned structure is recorded as a *channel config* ``{"layer1.0.conv1": 45, ...}`` (output
+channels of every pruned convolution, `channel_config`). `apply_channel_config` rebuilds a freshly
+built model to that shape so that ``load_state_dict`` of the pruned weights works; export stores the
+config in ``manifest.training["pruned_channels"]`` (the ONNX file needs nothing: its graph already
+has the small shapes). `apply_channel_config` only needs torch so the viewer can use it as is.
+
+Fine-tuning after pruning is the engine's job; `finetune` is a small plain cross-entropy loop used
+by the CLI when ``--finetune-epochs`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _get(model: nn.Module, dotted: str) -> nn.Module:
+    mod = model
+    for part in dotted.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)  # type: ignore[index]
+    return mod
+
+
+def _set(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_path, _, leaf = dotted.rpartition(".")
+    parent = _get(model, parent_path) if parent_path else model
+    if leaf.isdigit():
+        parent[int(leaf)] = new  # type: ignore[index]
+    else:
+        setattr(parent, leaf, new)
+
+
+def prunable_pairs(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(conv, bn, next_conv) dotted paths whose shared channel dimension may be pruned.
+
+    A block qualifies when it has ``conv1``/``bn1``/``conv2`` (+ ``bn2``/``conv3`` for bottlenecks)
+    that are plain ``Conv2d``/``BatchNorm2d`` with ``groups == 1`` — torchvision's ``BasicBlock``
+    and ``Bottleneck`` and look-alikes.
+    """
+    out: list[tuple[str, str, str]] = []
+    for name, mod in model.named_modules():
+        convs = [getattr(mod, f"conv{i}", None) for i in (1, 2, 3)]
+        bns = [getattr(mod, f"bn{i}", None) for i in (1, 2, 3)]
+        if not (isinstance(convs[0], nn.Conv2d) and isinstance(convs[1], nn.Conv2d)):
+            continue
+        if not isinstance(bns[0], nn.BatchNorm2d):
+            continue
+        prefix = f"{name}." if name else ""
+        chain = [i for i in range(3) if isinstance(convs[i], nn.Conv2d)]
+        for i in chain[:-1]:
+            conv, bn, nxt = convs[i], bns[i], convs[i + 1]
+            if not isinstance(bn, nn.BatchNorm2d) or conv.groups != 1 or nxt.groups != 1:
+                break
+            if conv.out_channels != bn.num_features or nxt.in_channels != conv.out_channels:
+                break
+            out.append((f"{prefix}conv{i + 1}", f"{prefix}bn{i + 1}", f"{prefix}conv{i + 2}"))
+    return out
+
+
+def _new_conv(old: nn.Conv2d, in_ch: int, out_ch: int) -> nn.Conv2d:
+    conv = nn.Conv2d(
+        in_ch,
+        out_ch,
+        kernel_size=old.kernel_size,  # type: ignore[arg-type]
+        stride=old.stride,  # type: ignore[arg-type]
+        padding=old.padding,  # type: ignore[arg-type]
+        dilation=old.dilation,  # type: ignore[arg-type]
+        groups=1,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+    )
+    return conv.to(device=old.weight.device, dtype=old.weight.dtype)
+
+
+def _new_bn(old: nn.BatchNorm2d, n: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(
+        n, eps=old.eps, momentum=old.momentum, affine=old.affine, track_running_stats=old.track_running_stats
+    )
+    ref = old.weight if old.weight is not None else old.running_mean
+    return bn.to(device=ref.device, dtype=ref.dtype) if ref is not None else bn
+
+
+def _shrink(model: nn.Module, conv_p: str, bn_p: str, next_p: str, keep: torch.Tensor | int) -> None:
+    """Rebuild conv/bn/next_conv to keep the channels ``keep`` (indices) or the first ``keep`` ones."""
+    conv, bn, nxt = _get(model, conv_p), _get(model, bn_p), _get(model, next_p)
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(nxt, nn.Conv2d)
+    idx = torch.arange(keep) if isinstance(keep, int) else keep
+    idx = idx.to(conv.weight.device)
+    n = len(idx)
+    new_conv, new_bn, new_next = (
+        _new_conv(conv, conv.in_channels, n),
+        _new_bn(bn, n),
+        _new_conv(nxt, n, nxt.out_channels),
+    )
+    with torch.no_grad():
+        new_conv.weight.copy_(conv.weight[idx])
+        if conv.bias is not None:
+            new_conv.bias.copy_(conv.bias[idx])
+        if bn.affine:
+            new_bn.weight.copy_(bn.weight[idx])
+            new_bn.bias.copy_(bn.bias[idx])
+        if bn.track_running_stats:
+            new_bn.running_mean.copy_(bn.running_mean[idx])
+            new_bn.running_var.copy_(bn.running_var[idx])
+            new_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+        new_next.weight.copy_(nxt.weight[:, idx])
+        if nxt.bias is not None:
+            new_next.bias.copy_(nxt.bias)
+    for new, old in ((new_conv, conv), (new_bn, bn), (new_next, nxt)):
+        new.train(old.training)  # a pruned eval-mode model stays in eval mode
+    _set(model, conv_p, new_conv)
+    _set(model, bn_p, new_bn)
+    _set(model, next_p, new_next)
+
+
+def channel_config(model: nn.Module) -> dict[str, int]:
+    """Output channels of every prunable convolution: the shape a pruned model must be rebuilt to."""
+    return {conv: int(_get(model, conv).out_channels) for conv, _, _ in prunable_pairs(model)}
+
+
+def prune_model(model: nn.Module, ratio: float, inplace: bool = False) -> nn.Module:
+    """Remove ``ratio`` of the internal channels of every residual block by filter L1 norm.
+
+    Keeps ``max(1, round(C * (1 - ratio)))`` channels of each pruned convolution (the ones with the
+    largest L1 norms, in their original order). Returns the pruned model (a deep copy unless
+    ``inplace``); the ``kd_spec`` attribute is kept, and ``model.pruned_channels`` holds the
+    channel config. Raises ValueError when the model has no prunable blocks.
+    """
+    import copy
+
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    pairs = prunable_pairs(model)
+    if not pairs:
+        raise ValueError(
+            f"{type(model).__name__} has no ResNet-style blocks (conv1/bn1/conv2) to prune structurally"
+        )
+    for conv_p, bn_p, next_p in pairs:
+        conv = _get(model, conv_p)
+        assert isinstance(conv, nn.Conv2d)
+        n_keep = max(1, round(conv.out_channels * (1.0 - ratio)))
+        if n_keep >= conv.out_channels:
+            continue
+        l1 = conv.weight.detach().abs().flatten(1).sum(dim=1)
+        keep = torch.sort(torch.topk(l1, n_keep).indices).values
+        _shrink(model, conv_p, bn_p, next_p, keep)
+    model.pruned_channels = channel_config(model)  # type: ignore[assignment]
+    return model
+
+
+def apply_channel_config(model: nn.Module, config: dict[str, int]) -> nn.Module:
+    """Reshape a freshly built model (in place) to a recorded channel config, ready for load_state_dict.
+
+    Weights of the rebuilt layers are placeholders (the first channels); load the pruned state dict
+    afterwards. Raises ValueError for a layer the model does not have or cannot shrink.
+    """
+    pairs = {conv: (bn, nxt) for conv, bn, nxt in prunable_pairs(model)}
+    for conv_p, n in config.items():
+        if conv_p not in pairs:
+            raise ValueError(f"pruned layer {conv_p!r} is not a prunable convolution of this model")
+        conv = _get(model, conv_p)
+        assert isinstance(conv, nn.Conv2d)
+        if n == conv.out_channels:
+            continue
+        if not 1 <= n <= conv.out_channels:
+            raise ValueError(f"pruned layer {conv_p!r}: {n} channels is not in 1..{conv.out_channels}")
+        _shrink(model, conv_p, *pairs[conv_p], int(n))
+    model.pruned_channels = channel_config(model)  # type: ignore[assignment]
+    return model
+
+
+def expected_param_fraction(model: nn.Module, ratio: float) -> float:
+    """Rough fraction of parameters removed by `prune_model` at ``ratio`` (for sanity checks)."""
+    total = sum(p.numel() for p in model.parameters())
+    removed = 0.0
+    keep = 1.0 - ratio
+    pruned_in: set[str] = set()
+    pruned_out: set[str] = set()
+    for conv_p, _, next_p in prunable_pairs(model):
+        pruned_out.add(conv_p)
+        pruned_in.add(next_p)
+    for name in pruned_out | pruned_in:
+        w = _get(model, name).weight.numel()  # type: ignore[union-attr]
+        factor = (keep if name in pruned_out else 1.0) * (keep if name in pruned_in else 1.0)
+        removed += w * (1.0 - factor)
+    return removed / total
+
+
+# ------------------------------------------------------------------------------------- fine-tuning
+
+
+def finetune(
+    model: nn.Module,
+    loader: Iterable,
+    epochs: int,
+    *,
+    task: str = "single-label",
+    lr: float = 1e-3,
+    device: str = "cpu",
+    weight_decay: float = 1e-5,
+    log_every: int = 0,
+) -> list[dict[str, float]]:
+    """Plain supervised fine-tuning (Adam, CE or BCE) of a pruned model; returns per-epoch losses."""
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if task == "multi-label" else nn.CrossEntropyLoss()
+    history = []
+    for epoch in range(1, epochs + 1):
+        total, count = 0.0, 0
+        for step, (x, y) in enumerate(loader, 1):
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y.float() if task == "multi-label" else y.long())
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+            if log_every and step % log_every == 0:
+                log.info("finetune epoch %d step %d loss %.4f", epoch, step, float(loss))
+        history.append({"epoch": epoch, "stage": "finetune", "train_loss": total / max(1, count)})
+    model.eval()
+    return history
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def prune_bundle(
+    bundle_path: str | Path,
+    ratio: float,
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    finetune_epochs: int = 0,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    device: str = "cpu",
+    export_options: dict[str, Any] | None = None,
+) -> Path:
+    """Prune the student of a bundle, optionally fine-tune it on ``data``, and write a new bundle.
+
+    With ``data`` (an image folder with train/val sub-folders, or anything `training.evaluate`'s
+    dataset loader accepts) the new bundle is fully re-evaluated (metrics, calibration, OOD, INT8);
+    without it the bundle keeps the old manifest fields that do not depend on the weights and drops
+    the stale metrics, calibration and OOD statistics, saying so in ``training["pruning"]``.
+    ``export_options`` are passed on to `training.export.export_bundle` (e.g. ``complexity=False``).
+    """
+    from kdviewer.models.bundle import open_bundle
+    from training.complexity import count_flops, count_params
+    from training.export import write_minimal_bundle
+
+    out = Path(out)
+    with open_bundle(bundle_path) as b:
+        m = b.manifest
+        student = _build_student(b)
+        before = {
+            "params": count_params(student),
+            "gflops": count_flops(student, m.preprocessing.input_size, m.preprocessing.channels) / 1e9,
+        }
+        pruned = prune_model(student, ratio)
+        after = {
+            "params": count_params(pruned),
+            "gflops": count_flops(pruned, m.preprocessing.input_size, m.preprocessing.channels) / 1e9,
+        }
+        info: dict[str, Any] = {
+            "ratio": ratio,
+            "method": "L1 structured (filters)",
+            "before": before,
+            "after": after,
+            "source_bundle": m.name,
+            "finetune_epochs": finetune_epochs,
+        }
+        log.info("pruned %s: params %d -> %d", m.student.architecture, before["params"], after["params"])
+        if data is None:
+            if finetune_epochs:
+                raise ValueError("--finetune-epochs needs --data")
+            return write_minimal_bundle(b, pruned, out, pruning=info)
+        from training.evaluate import dataset_loaders
+
+        loaders = dataset_loaders(data, m, batch_size=batch_size)
+        history: list[dict] = []
+        if finetune_epochs:
+            history = finetune(pruned, loaders["train"], finetune_epochs, task=m.task, lr=lr, device=device)
+        from training.export import export_bundle
+
+        teacher = b.build_torch("teacher") if b.has_teacher else None
+        config = dict(m.training.get("config", {})) if isinstance(m.training.get("config"), dict) else {}
+        config["pruning"] = info
+        return export_bundle(
+            out,
+            name=f"{m.name}-pruned{round(ratio * 100)}",
+            task=m.task,
+            class_names=list(m.class_names),
+            preprocessing=m.preprocessing,
+            student=pruned,
+            student_arch=m.student.architecture,
+            teacher=teacher,
+            teacher_arch=m.teacher.architecture if m.teacher is not None else None,
+            train_loader=loaders["train"],
+            val_loader=loaders["val"],
+            test_loader=loaders.get("test"),
+            config=config,
+            history=history,
+            data_fingerprint=str(m.training.get("data_fingerprint", "")),
+            demo=m.demo,
+            synthetic=m.synthetic_data,
+            device=device,
+            positive_class=m.positive_class,
+            modality=list(m.modality),
+            **(export_options or {}),
+        )
+
+
+def _build_student(bundle: Any) -> nn.Module:
+    """The bundle's student as a torch model, honouring a previous pruning's channel config."""
+    from kdviewer.models.architectures import build_model
+
+    m = bundle.manifest
+    channels = m.training.get("pruned_channels") if isinstance(m.training, dict) else None
+    if not channels:
+        return bundle.build_torch("student")
+    state = bundle.load_state_dict(m.student.weights)
+    head = build_model(m.student.architecture, 2, 1).kd_spec.head
+    dropout = 0.5 if f"{head}.1.weight" in state else 0.0
+    model = build_model(m.student.architecture, m.num_classes, m.preprocessing.channels, dropout)
+    apply_channel_config(model, channels)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``kd-train prune BUNDLE --ratio R --out DIR [--finetune-epochs N --data DIR]``."""
+    p = subparsers.add_parser(
+        "prune",
+        help="L1 structured pruning of a bundle's student (channels really removed), optional fine-tune",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("bundle", help="model bundle folder or .zip")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of internal channels to remove")
+    p.add_argument("--out", required=True, help="folder to write the pruned bundle to")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset (image folder with train/val, or CSV) for fine-tuning and re-evaluation",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cli)
+    return p
+
+
+def _cli(args: argparse.Namespace) -> int:
+    path = prune_bundle(
+        args.bundle,
+        args.ratio,
+        args.out,
+        data=args.data,
+        finetune_epochs=args.finetune_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(f"pruned bundle written to {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - debugging aid
+    logging.basicConfig(level=logging.INFO)
+    parser = argparse.ArgumentParser(prog="kd-train")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    raise SystemExit(ns.func(ns))
+
+
+__all__ = [
+    "add_cli",
+    "apply_channel_config",
+    "channel_config",
+    "expected_param_fraction",
+    "finetune",
+    "prunable_pairs",
+    "prune_bundle",
+    "prune_model",
+]
