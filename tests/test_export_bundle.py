@@ -208,6 +208,9 @@ def test_prune_cli_with_and_without_data(bundle, data_dir, tmp_path, capsys):
     m0 = read_manifest(tmp_path / "p0")
     assert m0.student.params < read_manifest(path).student.params
     assert m0.metrics == {} and m0.training["pruned_channels"]["layer1.0.conv1"] == 8
+    # A pruned bundle can be pruned again: its student is rebuilt from the recorded channel config.
+    prune.prune_bundle(tmp_path / "p0", 0.5, tmp_path / "p00")
+    assert read_manifest(tmp_path / "p00").training["pruned_channels"]["layer1.0.conv1"] == 4
     args = parser.parse_args(
         [
             "prune",
@@ -308,7 +311,7 @@ def test_ood_results_on_other_images(bundle, tmp_path):
         Image.fromarray(img).save(tmp_path / "other" / f"o{i}.png")
     res = report.ood_results(path, tmp_path / "other", name="gradients")
     assert res["n"] == 6 and len(res["scores"]) == 6 and res["threshold"] > 0
-    assert res["verdict"] in ("as expected", "NOT as expected")
+    assert res["verdict"].startswith(("as expected", "partly", "NOT")) and 0 <= res["shift_p_value"] <= 1
 
 
 def test_a_zipped_bundle_opens(bundle, tmp_path):

@@ -57,12 +57,16 @@ def evaluate_model(
     features: bool = False,
     temperature: float = 1.0,
     max_items: int | None = None,
+    keep_fraction: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` (eval mode, no grad) over ``loader``.
 
     Returns {"logits" (N, K), "probs" (N, K), "targets" ((N,) int64 or (N, K) float32)} plus
-    "features" (N, D) when ``features`` is set. ``probs`` use ``temperature``. The model's training
-    flag is restored afterwards.
+    "features" (N, D) when ``features`` is set. ``probs`` use ``temperature``. ``keep_fraction`` < 1
+    evaluates a seeded random subset of the *batches* (an unbiased sample of a large, possibly
+    class-ordered loader at a fraction of the cost); ``max_items`` stops after that many items. The
+    model's training flag is restored afterwards.
     """
     import torch
 
@@ -82,7 +86,10 @@ def evaluate_model(
     seen = 0
     try:
         with torch.inference_mode():
+            rng = np.random.default_rng(seed)
             for batch in loader:
+                if keep_fraction < 1.0 and rng.random() >= keep_fraction:
+                    continue
                 x, y = batch[0], batch[1]
                 if not isinstance(x, torch.Tensor):
                     x = torch.as_tensor(np.asarray(x))

@@ -311,9 +311,11 @@ def export_bundle(
 ) -> Path:
     """Write the bundle for a trained student (and teacher) into ``out_dir``; returns ``out_dir``.
 
-    See the module docstring for what is written. ``train_loader`` supplies INT8 calibration images
-    and OOD statistics (its first ``ood_max_train`` images); ``val_loader`` the temperature, the OOD
-    threshold and the INT8 parity set; metrics go on the test split when ``test_loader`` is given.
+    See the module docstring for what is written. ``train_loader`` (un-augmented, any order) supplies
+    the INT8 calibration images (a random sample of ``calibration_size``) and the OOD statistics
+    (features of a random subset of batches, about ``ood_max_train`` images); ``val_loader`` the
+    temperature, the OOD threshold and the INT8 parity set (a random sample of 256); metrics go on
+    the test split when ``test_loader`` is given, else on val.
     """
     from training.calibration import calibrate, probabilities
     from training.evaluate import evaluate_model
@@ -432,6 +434,8 @@ def export_bundle(
         _phase("ood")
         from kdviewer.inference.ood import fit_ood_stats, ood_scores, save_ood_stats, threshold_from_scores
 
+        n_train = _count(train_loader)
+        keep = 1.0 if not n_train else min(1.0, 1.2 * ood_max_train / n_train)
         train_feats = evaluate_model(
             student.to(device),
             train_loader,
@@ -440,6 +444,7 @@ def export_bundle(
             device,
             features=True,
             max_items=ood_max_train,
+            keep_fraction=keep,
         )["features"]
         ood_spec = None
         if len(train_feats) >= 2:

@@ -34,21 +34,35 @@ AGREEMENT_MIN = 0.98
 MAX_DP_MAX = 0.1
 
 
-def calibration_images(loader: Iterable, max_images: int = 128) -> np.ndarray:
-    """Up to ``max_images`` preprocessed images (N, C, S, S) float32 from a loader of (images, targets)."""
-    chunks: list[np.ndarray] = []
-    total = 0
+def calibration_images(
+    loader: Iterable, max_images: int = 128, seed: int = 0, max_scan: int = 50_000
+) -> np.ndarray:
+    """A uniform random sample of up to ``max_images`` preprocessed images (N, C, S, S) float32.
+
+    Reservoir sampling over the batches of ``loader`` (``(images, targets)`` or images), scanning at
+    most ``max_scan`` images, so that a loader ordered by class still gives a sample of every class.
+    The sample keeps the loader's order.
+    """
+    rng = np.random.default_rng(seed)
+    reservoir: list[tuple[int, np.ndarray]] = []
+    seen = 0
     for batch in loader:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-        arr = arr.astype(np.float32, copy=False)
-        chunks.append(arr[: max_images - total])
-        total += len(chunks[-1])
-        if total >= max_images:
+        for img in arr:
+            if len(reservoir) < max_images:
+                reservoir.append((seen, np.array(img, dtype=np.float32)))
+            else:
+                j = int(rng.integers(0, seen + 1))
+                if j < max_images:
+                    reservoir[j] = (seen, np.array(img, dtype=np.float32))
+            seen += 1
+        if seen >= max_scan:
             break
-    if not chunks:
+    if not reservoir:
         raise ValueError("the calibration loader yielded no images")
-    return np.concatenate(chunks)
+    reservoir.sort(key=lambda t: t[0])
+    return np.stack([img for _, img in reservoir])
 
 
 class _ArrayReader:

@@ -40,6 +40,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+IN_DIST_FLAG_RATE = 0.01  # the OOD threshold is the 99th percentile of val scores
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -618,11 +619,17 @@ def _section_ood(evaluation: dict, results: list[dict]) -> list[str]:
                     _num(r.get("n")),
                     _num(r.get("median_score")),
                     _num(100 * r.get("flagged_fraction", float("nan")), 1) + "%",
+                    "–" if r.get("shift_p_value") is None else f"{r['shift_p_value']:.1e}",
                     _e(r.get("expected", "")),
                     _e(r.get("verdict", "")),
                 ]
             )
-        parts.append(_table(["dataset", "images", "median score", "flagged", "expected", "verdict"], rows))
+        parts.append(
+            _table(
+                ["dataset", "images", "median score", "flagged", "dataset shift p", "expected", "verdict"],
+                rows,
+            )
+        )
     img = _plot_ood(ood or {"threshold": 0}, results) if ood else ""
     if img:
         parts.append(img)
@@ -643,10 +650,12 @@ def ood_results(
 ) -> dict[str, Any]:
     """Run a bundle's student on every image under ``data`` and score it with the OOD guard.
 
-    Returns {"name", "n", "scores", "median_score", "flagged_fraction", "threshold", "expected",
-    "verdict", "predicted"} for the report. ``expect_ood`` states what the guard *should* say (True
-    for a different population / task, e.g. adult CXRs for a paediatric model): the verdict says
-    whether most images were flagged (or not).
+    Returns {"name", "n", "scores", "median_score", "flagged_fraction", "threshold", "shift_p_value",
+    "expected", "verdict", "predicted"} for the report. ``expect_ood`` states what the guard *should*
+    say (True for a different population / task, e.g. adult CXRs for a paediatric model). The verdict
+    is per image first (>= 80% flagged; in-distribution: <= 5%) and, for an out-of-distribution set
+    that is not flagged image by image, at the dataset level: ``shift_p_value`` is the binomial
+    probability of at least this many flags if every image were in-distribution (flag rate 1%).
     """
     from kdviewer.errors import ImageError
     from kdviewer.imaging import is_supported_file, load
@@ -677,8 +686,26 @@ def ood_results(
         scores = ood_scores(feats, stats)
         threshold = float(m.ood.threshold)
         labels = [m.class_names[i] for i in logits.argmax(1)] if m.task == "single-label" else []
-    flagged = float(np.mean(scores > threshold))
-    ok = flagged >= 0.5 if expect_ood else flagged <= 0.1
+    from scipy.stats import binom
+
+    n_flagged = int(np.sum(scores > threshold))
+    flagged = n_flagged / len(scores)
+    # Dataset-level shift: how surprising is this many flags if the images were in-distribution
+    # (each flagged with probability 1%, the threshold's definition)?
+    shift_p = float(binom.sf(n_flagged - 1, len(scores), IN_DIST_FLAG_RATE)) if n_flagged else 1.0
+    if expect_ood:
+        if flagged >= 0.8:
+            verdict = "as expected: most images flagged"
+        elif shift_p < 1e-3:
+            verdict = (
+                f"partly: dataset shift detected (p={shift_p:.1e}), only {flagged:.0%} flagged one by one"
+            )
+        else:
+            verdict = "NOT as expected: the guard does not see these images as different"
+    else:
+        verdict = (
+            "as expected: few images flagged" if flagged <= 0.05 else "NOT as expected: too many flagged"
+        )
     return {
         "name": name or data.name,
         "n": len(scores),
@@ -687,7 +714,8 @@ def ood_results(
         "flagged_fraction": flagged,
         "threshold": threshold,
         "expected": "flagged (out of distribution)" if expect_ood else "not flagged (in distribution)",
-        "verdict": ("as expected" if ok else "NOT as expected"),
+        "shift_p_value": shift_p,
+        "verdict": verdict,
         "predicted": {c: labels.count(c) for c in dict.fromkeys(labels)},
     }
 

@@ -42,7 +42,8 @@ def get_module(model: nn.Module, dotted: str) -> nn.Module:
     return mod
 
 
-def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Replace the submodule at a dotted path (the inverse of `get_module`)."""
     parent_path, _, leaf = dotted.rpartition(".")
     parent = get_module(model, parent_path) if parent_path else model
     if leaf.isdigit():
@@ -70,7 +71,7 @@ def adapt_first_conv(model: nn.Module, conv_path: str, in_channels: int) -> None
             new.weight.copy_(old.weight.sum(dim=1, keepdim=True))
         if old.bias is not None:
             new.bias.copy_(old.bias)
-    _set_module(model, conv_path, new)
+    set_module(model, conv_path, new)
 
 
 def _replace_head(model: nn.Module, head_path: str, num_classes: int, dropout: float) -> None:
@@ -79,7 +80,7 @@ def _replace_head(model: nn.Module, head_path: str, num_classes: int, dropout: f
     new: nn.Module = nn.Linear(old.in_features, num_classes)
     if dropout > 0:
         new = nn.Sequential(nn.Dropout(dropout), new)
-    _set_module(model, head_path, new)
+    set_module(model, head_path, new)
 
 
 def _torchvision(factory: Callable[..., nn.Module], stem: str, spec: ArchSpec) -> Callable[..., nn.Module]:
@@ -169,3 +170,4 @@ class FeatureExtractor(nn.Module):
 
 
 from kdviewer.models import custom_arch as _custom_arch  # noqa: E402,F401  (registers densenet40, ...)
+from kdviewer.models import small_arch as _small_arch  # noqa: E402,F401  (registers resnet18_s, smallcnn_s, ...)
