@@ -19,14 +19,12 @@ images/s = training images x epochs / wall time. The last line is ``RESULT train
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -43,34 +41,9 @@ from training.engine import run  # noqa: E402
 
 
 def make_data(out: Path, n: int, seed: int) -> Path:
-    try:
-        from training.synth import generate
-    except ImportError:  # fallback phantoms: bright lobe opacity vs clear lungs
-        return _simple_phantoms(out, n, seed)
+    from training.synth import generate
+
     return Path(generate("cxr", n, out, fmt="png", seed=seed, size=256, difficulty=0.5))
-
-
-def _simple_phantoms(root: Path, n: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:256, :256]
-    rows = []
-    for i in range(n):
-        cls = ("normal", "pneumonia")[i % 2]
-        img = 60 + 15 * rng.standard_normal((256, 256))
-        for cx in (80, 176):  # two lung fields
-            img += 90 * np.exp(-(((xx - cx) / 45) ** 2 + ((yy - 128) / 80) ** 2))
-        if cls == "pneumonia":
-            cx, cy = rng.integers(50, 206), rng.integers(70, 190)
-            img += 50 * np.exp(-(((xx - cx) / 25) ** 2 + ((yy - cy) / 25) ** 2))
-        path = root / cls / f"{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
-        rows.append((f"{cls}/{path.name}", cls, f"p{i // 2}"))
-    with open(root / "labels.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "patient_id"])
-        w.writerows(rows)
-    return root
 
 
 # ------------------------------------------------------------------------------------------ plain loop

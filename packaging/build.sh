@@ -2,8 +2,8 @@
 # Build the frozen desktop app into dist/kdviewer/ (a runnable folder) and run its smoke test.
 #
 #   packaging/build.sh              # uses the active Python environment (needs `pip install .[package]`)
-#   KDVIEWER_STRIP_CUDA=1 packaging/build.sh   # drop CUDA libraries from a CUDA torch wheel (CPU app)
 #
+# For a small app build from a venv with the CPU torch wheel (see packaging/kdviewer.spec).
 # Slow (several minutes) and large: run by hand, not in CI. Afterwards install the launcher with
 #   packaging/install_desktop.sh   (copies kdviewer.desktop and the icon into ~/.local/share)
 set -euo pipefail

@@ -27,7 +27,8 @@ def test_every_recipe_and_variant_loads():
     for path in recipes:
         cfg = load_config(path)
         assert isinstance(cfg, RunConfig) and cfg.description
-        assert cfg.data.generate is not None, f"{path.name}: recipes default to synthetic data"
+        if path.name[:3].isdigit():  # the seed-paper recipes run out of the box on synthetic phantoms
+            assert cfg.data.generate is not None, f"{path.name}: recipes default to synthetic data"
         for name in cfg.variants:
             load_config(path, variant=name)
 

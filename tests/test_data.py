@@ -180,3 +180,20 @@ def test_augment_batch():
     aug = Augmentation(rotation=15, crop_scale=(0.7, 1.0))
     again = augment_batch(x, aug, torch.Generator().manual_seed(0), PRE)
     assert torch.equal(rot, again)
+
+
+def test_synthetic_ct_dicom_series_with_a_lung_window(tmp_path):
+    from training.synth import generate
+
+    root = generate("ct", 6, tmp_path / "ct", fmt="dicom", size=32, series_slices=3, seed=0)
+    s = discover(DataConfig(root=root, split="random", val_fraction=0.34), seed=0)
+    assert s.class_names == ["mild", "severe"]  # the masks/ folder is not a class
+    assert all(x.path.is_dir() for x in s.train)  # one case = one folder of slices
+    pre = Preprocessing(input_size=16, resize=16, intensity="window", window_center=-600, window_width=1500)
+    ds = build_datasets(s, pre, DataConfig(root=root, cache="on", cache_dtype="float32"))["train"]
+    x = ds.cache[0, 0]
+    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25  # normalised range of the window
+    assert float(x.min()) >= lo - 1e-5 and float(x.max()) <= hi + 1e-5 and float(x.std()) > 0.1
+    by_patient = discover(DataConfig(csv=root / "labels.csv", split="patient"), seed=0)
+    assert {x.rel for x in by_patient.train + by_patient.val} == {x.rel for x in s.train + s.val}
+    assert not {x.patient for x in by_patient.train} & {x.patient for x in by_patient.val}

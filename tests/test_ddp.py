@@ -18,14 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
-    from tests.test_engine import _fallback  # TEMPORARY until training.synth lands
+    from training.synth import generate
 
-    try:
-        from training.synth import generate
-
-        data = Path(generate("cxr", 24, tmp_path / "data", seed=1, size=40, patients=12))
-    except ImportError:
-        data = _fallback(tmp_path / "data")
+    data = Path(generate("cxr", 24, tmp_path / "data", seed=1, size=40, patients=12))
     out = tmp_path / "run"
     cfg = {
         "data": {"root": str(data), "split": "random", "val_fraction": 0.3},

@@ -126,6 +126,7 @@ def build_tiny_bundle(out: Path, seed: int = 0, steps: int = 12) -> Path:
     from kdviewer.models.preprocess import preprocess_frame
 
     torch.manual_seed(seed)
+    torch.set_num_threads(1)  # two spinning threads are many times slower on a shared 2-core machine
     rng = np.random.default_rng(seed)
     pre = Preprocessing(input_size=INPUT, resize=INPUT, channels=1)
     n = 64

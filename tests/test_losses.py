@@ -75,7 +75,7 @@ def test_zero_when_equal_positive_otherwise_and_descends(name, loss, teacher):
     assert grads, f"{name}: no gradient reached the student's tensors"
     params = [p for p in loss.parameters() if p.grad is not None]
     norm2 = sum(float(g.pow(2).sum()) for g in [*grads.values(), *(p.grad for p in params)])
-    lr = 1e-2 * float(value) / max(norm2, 1e-12)  # a small step: first-order decrease ~ lr * |grad|^2
+    lr = 1e-2 * value.item() / max(norm2, 1e-12)  # a small step: first-order decrease ~ lr * |grad|^2
     with torch.no_grad():
         stepped = {k: (v - lr * v.grad if v.grad is not None else v) for k, v in student.items()}
         for p in params:

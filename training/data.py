@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,11 +109,14 @@ def _cases_in(folder: Path, extensions: set[str]) -> list[Path]:
     return out
 
 
-def _class_dirs(folder: Path) -> list[str]:
+def _class_dirs(folder: Path, ignore: Collection[str] = ()) -> list[str]:
     return sorted(
         d.name
         for d in folder.iterdir()
-        if d.is_dir() and not d.name.startswith(".") and not _is_series_dir(d)
+        if d.is_dir()
+        and not d.name.startswith(".")
+        and d.name.lower() not in ignore
+        and not _is_series_dir(d)
     )
 
 
@@ -132,6 +135,7 @@ def _from_folders(
     root = cfg.root
     ext = {e.lower() if e.startswith(".") else "." + e.lower() for e in cfg.extensions}
     pattern = re.compile(cfg.patient_pattern) if cfg.patient_pattern else None
+    ignore = {d.lower() for d in cfg.ignore_dirs}
     rows: list[tuple[Path, str, str | None, str | None]] = []
     if split_layout:
         for split in SPLITS:
@@ -140,10 +144,10 @@ def _from_folders(
             )
             if folder is None:
                 continue
-            for cls in _class_dirs(folder):
+            for cls in _class_dirs(folder, ignore):
                 rows += [(p, cls, _patient_of(p, pattern), split) for p in _cases_in(folder / cls, ext)]
     else:
-        for cls in _class_dirs(root):
+        for cls in _class_dirs(root, ignore):
             rows += [(p, cls, _patient_of(p, pattern), None) for p in _cases_in(root / cls, ext)]
     return rows, root
 
@@ -183,10 +187,12 @@ def _targets(
     skipped: list[str] = []
     multi = task == "multi-label"
 
+    negative = set(cfg.negative_labels)
+
     def labels_of(text: str) -> list[str]:
         if not multi:
             return [text] if text else []
-        return [t.strip() for t in text.split(cfg.label_separator) if t.strip()]
+        return [t.strip() for t in text.split(cfg.label_separator) if t.strip() and t.strip() not in negative]
 
     if cfg.classes:
         class_names = list(cfg.classes)

@@ -222,36 +222,42 @@ class ImageCanvas(QWidget):
     def effective_invert(self) -> bool:
         return bool(self.study is not None and self.study.invert) != self.user_invert
 
-    def display_array(self) -> np.ndarray | None:
-        """The uint8 pixels on screen for the current frame/window/invert (what the user sees)."""
+    def display_array(self, step: int = 1) -> np.ndarray | None:
+        """The uint8 pixels on screen for the current frame/window/invert (what the user sees);
+        ``step`` > 1 windows every step-th pixel only (a preview while the window is being dragged)."""
         frame = self.current_frame()
         if frame is None or self.study is None:
             return None
+        if step > 1:
+            frame = frame[::step, ::step]
         lut = self.study.voi_lut if self.window == self.study.window else None
         return to_display(frame, self.window, self.effective_invert(), lut)
 
     def _ensure_pixmap(self) -> None:
         if not self._display_dirty and self._pixmap is not None:
             return
-        arr = self.display_array()
+        # While right-dragging a large image shown small, window a subsample (screen resolution is all
+        # that is visible); the full-resolution pixels come back on release.
+        step = max(1, int(0.5 / self.transform.zoom)) if self._drag_mode == "window" else 1
+        arr = self.display_array(step)
         self._pixmap = None if arr is None else QPixmap.fromImage(gray_qimage(arr))
         self._scaled = None
-        self._display_dirty = False
+        self._display_dirty = step > 1
 
     def _pixmap_for_zoom(self) -> QPixmap | None:
         """Below 1:1, a copy scaled once per zoom level (smooth); painting it is then a plain blit."""
         pm = self._pixmap
-        zoom = self.transform.zoom
-        if pm is None or zoom >= 1.0:
+        if pm is None or pm.width() == 0:
             return pm
-        if self._scaled is None or abs(self._scaled[0] - zoom) > 1e-9:
-            w, h = max(1, round(pm.width() * zoom)), max(1, round(pm.height() * zoom))
-            self._scaled = (
-                zoom,
-                pm.scaled(
-                    w, h, Qt.AspectRatioMode.IgnoreAspectRatio, Qt.TransformationMode.SmoothTransformation
-                ),
+        scale = self.transform.zoom * self.transform.image_w / pm.width()  # pixmap px -> screen px
+        if scale >= 1.0:
+            return pm
+        if self._scaled is None or abs(self._scaled[0] - scale) > 1e-9:
+            w, h = max(1, round(pm.width() * scale)), max(1, round(pm.height() * scale))
+            scaled = pm.scaled(
+                w, h, Qt.AspectRatioMode.IgnoreAspectRatio, Qt.TransformationMode.SmoothTransformation
             )
+            self._scaled = (scale, scaled)
         return self._scaled[1]
 
     # -- painting ----------------------------------------------------------------------------------
@@ -452,6 +458,9 @@ class ImageCanvas(QWidget):
     def mouseReleaseEvent(self, event: QMouseEvent) -> None:
         if self._drag_mode == "pan":
             self.view_changed.emit()
+        if self._drag_mode == "window":
+            self._display_dirty = True  # full resolution again
+            self.update()
         self._drag_mode = None
         self.unsetCursor()
         event.accept()

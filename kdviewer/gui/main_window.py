@@ -81,7 +81,7 @@ class MainWindow(QMainWindow):
         if icon.is_file():
             self.setWindowIcon(QIcon(str(icon)))
         self.setAcceptDrops(True)
-        self.settings = settings if settings is not None else QSettings("kdviewer", "kdviewer")
+        self.settings = settings if settings is not None else default_settings()
         self.runner = TaskRunner(self)
         self.threads = analysis.configure_threads()
         self.study: Study | None = None
@@ -874,6 +874,11 @@ class _FitWidthScrollArea(QScrollArea):
         w = self.widget()
         if w is not None:
             w.setFixedWidth(self.viewport().width())
+
+
+def default_settings() -> QSettings:
+    """The user's kdviewer settings (QSettings.setDefaultFormat / setPath redirect them, e.g. in tests)."""
+    return QSettings(QSettings.defaultFormat(), QSettings.Scope.UserScope, "kdviewer", "kdviewer")
 
 
 def _as_bool(v: object) -> bool:
