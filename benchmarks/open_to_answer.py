@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def time_open(win, path: Path, need_teacher: bool, need_saliency: bool, timeout_
     win.analysis_shown.connect(on_analysis)
     win.saliency_shown.connect(on_saliency)
     app = QCoreApplication.instance()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     win.open_path(path)
     while not (state["analysis"] and state["saliency"]):
@@ -100,6 +102,7 @@ def time_open(win, path: Path, need_teacher: bool, need_saliency: bool, timeout_
     win.repaint()  # synchronous paint of the whole window with the results
     elapsed = time.perf_counter() - t0
     marks["painted"] = elapsed
+    marks["cpu"] = time.process_time() - c0  # all threads: contention-independent cost
     LAST_MARKS.clear()
     LAST_MARKS.update(marks)
     win.study_loaded.disconnect(on_loaded)
@@ -153,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         f"teacher {win.classifier.manifest.teacher.architecture if win.classifier.has_teacher else '-'}"
     )
 
-    full = []
+    full: list[float] = []
+    cpu: list[float] = []
     for c in cases:
         full.append(time_open(win, c, True, True))
         print("  open: " + ", ".join(f"{k} {v:.3f} s" for k, v in LAST_MARKS.items()), flush=True)
+        cpu.append(LAST_MARKS["cpu"])
     cold, warm = full[0], full[1:]
     rss_full = rss_mb()
     win.set_compare(False)
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median open (student + teacher + Grad-CAM):  {med_full:.3f} s  {spread}")
     print(f"median open (student only):                  {med_student:.3f} s")
     print(f"ratio full / student-only:                   {med_full / med_student:.2f}x")
+    print(
+        f"CPU time per full open (all threads):        {statistics.median(cpu[1:]):.3f} s "
+        f"(machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
     print(f"timings of the last full open: {win.status_timing.text()}")
     print(
         f"RSS: interpreter+Qt {rss0:.0f} MB -> models loaded {rss_models:.0f} MB -> "
@@ -181,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     win.runner.shutdown()
     win.close()
     app.processEvents()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"RESULT open_to_answer_s {med_full:.3f}")
     return 0
 

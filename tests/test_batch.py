@@ -20,6 +20,9 @@ from PIL import Image
 
 from kdviewer.batch import BatchError, BatchProgress, csv_columns, run_batch, scan
 
+# The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

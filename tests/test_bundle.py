@@ -23,6 +23,9 @@ from kdviewer.models.bundle import (
     save_manifest,
 )
 
+# The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def bundle_dir() -> Path:

@@ -12,6 +12,9 @@ from _bundles import ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_
 
 from kdviewer.cli import _with_default_command, build_parser, main
 
+# The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -15,6 +15,9 @@ from kdviewer.imaging.study import Study
 from kdviewer.inference.compare import js_divergence, total_variation
 from kdviewer.inference.predict import Classifier, Prediction, softmax
 
+# The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def clf() -> Classifier:

@@ -20,6 +20,9 @@ from kdviewer.inference.ood import (
 )
 from kdviewer.inference.predict import Classifier
 
+# The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
+pytestmark = pytest.mark.timeout(900)
+
 
 def test_fit_and_score_on_gaussians(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)

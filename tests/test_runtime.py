@@ -10,6 +10,9 @@ from kdviewer.errors import BundleError, InferenceError
 from kdviewer.models.bundle import open_bundle
 from kdviewer.models.runtime import OrtRuntime, Runtime, TorchRuntime, select_device
 
+# The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def runtimes() -> dict[str, Runtime]:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 from _bundles import cxr_bundle
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import distance_transform_edt
 
 from kdviewer.imaging.study import Study
 from kdviewer.inference.predict import Classifier
@@ -22,8 +22,14 @@ from kdviewer.inference.saliency import (
 from kdviewer.models.manifest import Preprocessing
 from kdviewer.models.preprocess import crop_box
 
+# The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
+pytestmark = pytest.mark.timeout(900)
+
 #: Minimum share of positive cases whose Grad-CAM peak lies in the (dilated) lesion mask.
 POINTING_MIN = 0.6
+#: Tolerance of the pointing game (Zhang et al., 2016): 15 px at 224 px input, i.e. 15/224 of the width;
+#: 9 px on our 128-px-wide phantoms.
+TOLERANCE_PX = 9
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +128,8 @@ def test_overlay_blends_only_where_hot() -> None:
 
 
 def test_pointing_game_on_lesion_phantoms(clf: Classifier) -> None:
-    """The student's Grad-CAM peak (for 'nodule') falls inside the lesion, dilated by 6 px (~5% of the
-    width), in most positive validation phantoms; random peaks would hit in about 5-10% of cases."""
+    """The student's Grad-CAM peak (for 'nodule') falls inside the lesion, dilated by the pointing-game
+    tolerance, in most positive validation phantoms (a peak anywhere would hit ~10% of the time)."""
     tb = cxr_bundle()
     hits, n = 0, 0
     for img, mask, label in zip(tb.val.images, tb.val.masks, tb.val.labels, strict=True):
@@ -131,7 +137,7 @@ def test_pointing_game_on_lesion_phantoms(clf: Classifier) -> None:
             continue
         m = saliency(clf, Study(img.astype(np.float32)), "gradcam", target_class="nodule")
         r, c = m.peak
-        hits += bool(binary_dilation(mask, iterations=6)[r, c])
+        hits += bool(distance_transform_edt(~mask)[r, c] <= TOLERANCE_PX)
         n += 1
     rate = hits / n
     print(f"pointing game: {hits}/{n} = {rate:.2f}")

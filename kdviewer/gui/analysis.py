@@ -41,9 +41,18 @@ _locks: weakref.WeakKeyDictionary[Any, dict[str, threading.Lock]] = weakref.Weak
 _locks_guard = threading.Lock()
 
 
+def thread_count(threads: int | None = None) -> int:
+    """Threads per inference job: ``threads``, else $KDVIEWER_THREADS, else `DEFAULT_THREADS`."""
+    try:
+        env = int(os.environ.get("KDVIEWER_THREADS", "0") or 0)
+    except ValueError:
+        env = 0
+    return max(1, threads or env or DEFAULT_THREADS)
+
+
 def configure_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads for the viewer ($KDVIEWER_THREADS overrides); returns the count."""
-    n = threads or int(os.environ.get("KDVIEWER_THREADS", "0") or 0) or DEFAULT_THREADS
+    """Set torch's intra-op threads (imports torch: call it in a worker, not on the GUI thread)."""
+    n = thread_count(threads)
     try:
         import torch
 
@@ -97,15 +106,15 @@ def thumbnail(path: str | os.PathLike, size: int = 96, token: Token = NO_TOKEN) 
 def load_classifier(
     path: str | os.PathLike,
     load_teacher: bool = False,
-    threads: int = 2,
+    threads: int | None = None,
     warmup: bool = True,
     token: Token = NO_TOKEN,
 ) -> Any:
     """Open a bundle and build its `Classifier`; a warm-up run keeps the first real answer fast."""
     from kdviewer.inference.predict import Classifier
 
+    threads = configure_threads(threads)
     clf = Classifier(Path(path), use_int8="auto", threads=threads, load_teacher=load_teacher)
-    configure_threads(threads)
     token.check()
     if warmup:
         pre = clf.pre

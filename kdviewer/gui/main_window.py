@@ -83,7 +83,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.settings = settings if settings is not None else default_settings()
         self.runner = TaskRunner(self)
-        self.threads = analysis.configure_threads()
+        self.threads = analysis.thread_count()  # torch itself is configured (and imported) in a worker
         self.study: Study | None = None
         self.study_path: Path | None = None
         self.classifier: Any = None
@@ -600,6 +600,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("saliency/enabled", panel.is_on())
         self.settings.setValue("saliency/method", panel.method_name())
         self.settings.setValue("saliency/mode", panel.mode())
+        self.runner.cancel("saliency_agree")
         if not panel.is_on() or self.study is None or self.classifier is None:
             self.runner.cancel("saliency")
             self.saliency_result = None
@@ -609,9 +610,11 @@ class MainWindow(QMainWindow):
             return
         clf, study = self.classifier, self.study
         mode = panel.mode()
-        roles = ["student"]
-        if clf.has_teacher and (mode != "student" or self.compare_enabled):
-            roles = ["student", "teacher"] if mode != "teacher" else ["teacher", "student"]
+        # Only the maps on screen are computed first; the other model's map (for the agreement score)
+        # follows in a second job so the overlay appears as early as possible.
+        roles = {"student": ["student"], "teacher": ["teacher"], "side": ["student", "teacher"]}[mode]
+        if not clf.has_teacher:
+            roles = ["student"]
         method, target, frame = panel.method_name(), panel.target_class(), self.canvas.frame_index
         cache = self._saliency_cache
         panel.status.setText(f"Computing {method}…")
@@ -627,13 +630,18 @@ class MainWindow(QMainWindow):
     def _panes_for(self, res: analysis.SaliencyResult) -> list[Pane]:
         mode = self.saliency_panel.mode()
         method = res.method
+
+        def caption(role: str) -> str:
+            cls = getattr(res.maps[role], "class_name", "")
+            return f"{method} → {cls}" if cls else method
+
         if mode == "side" and "teacher" in res.maps:
             return [
-                Pane("Student", analysis.heatmap_of(res.maps["student"]), method),
-                Pane("Teacher", analysis.heatmap_of(res.maps["teacher"]), method),
+                Pane("Student", analysis.heatmap_of(res.maps["student"]), caption("student")),
+                Pane("Teacher", analysis.heatmap_of(res.maps["teacher"]), caption("teacher")),
             ]
         role = "teacher" if mode == "teacher" and "teacher" in res.maps else "student"
-        return [Pane(role.capitalize(), analysis.heatmap_of(res.maps[role]), method)]
+        return [Pane(role.capitalize(), analysis.heatmap_of(res.maps[role]), caption(role))]
 
     def _on_saliency(self, study: Study, res: analysis.SaliencyResult) -> None:
         if study is not self.study or res.frame != self.canvas.frame_index or not self.saliency_panel.is_on():
@@ -646,9 +654,12 @@ class MainWindow(QMainWindow):
             self.saliency_panel.set_agreement(res.agreement)
         else:
             self.saliency_panel.set_agreement(None, "compare with the teacher or choose side by side")
-        shown = [m for r, m in res.maps.items() if r in ("student", "teacher")]
-        cls = getattr(shown[0], "class_name", "") if shown else ""
-        status = f"{res.method} for class '{cls}'" if cls else res.method
+        classes = {r: getattr(m, "class_name", "") for r, m in res.maps.items()}
+        if len(set(classes.values())) > 1:
+            status = f"{res.method}: " + ", ".join(f"{r} → '{c}'" for r, c in classes.items())
+        else:
+            cls = next(iter(classes.values()), "")
+            status = f"{res.method} for class '{cls}'" if cls else res.method
         if study.n_frames > 1:
             status += f" · slice {res.frame + 1}"
         empty = [r for r, m in res.maps.items() if float(analysis.heatmap_of(m).max()) <= 0.0]
@@ -658,6 +669,31 @@ class MainWindow(QMainWindow):
         self.saliency_panel.status.setText(status)
         self._update_status()
         self.saliency_shown.emit(res)
+        if res.agreement is None and self.compare_enabled and self.classifier is not None:
+            self._request_saliency_agreement(study, res)
+
+    def _request_saliency_agreement(self, study: Study, res: analysis.SaliencyResult) -> None:
+        """The other model's map on the same frame, only to report how much the two maps agree."""
+        clf, cache = self.classifier, self._saliency_cache
+        if not clf.has_teacher:
+            return
+        method, target, frame = res.method, res.target, res.frame
+        self.saliency_panel.set_agreement(None, "computing…")
+
+        def done(full: analysis.SaliencyResult) -> None:
+            if study is self.study and full.frame == self.canvas.frame_index and full.method == method:
+                self.saliency_panel.set_agreement(full.agreement)
+
+        self.runner.submit(
+            "saliency_agree",
+            lambda t: analysis.compute_saliency(
+                clf, study, method, target, ["student", "teacher"], frame, t, cache
+            ),
+            done,
+            lambda e: self.saliency_panel.set_agreement(None, f"not available ({e.message})"),
+            pool="saliency",
+            description="saliency agreement",
+        )
 
     def _on_saliency_error(self, err: TaskError) -> None:
         self.saliency_panel.status.setText(f"Saliency failed: {err.message}")

@@ -10,6 +10,7 @@ using the demo bundle and the shipped samples (or --bundle / --cxr / --ct).
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     win.runner.shutdown()
     win.close()
     app.processEvents()
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -256,7 +256,12 @@ class TaskRunner(QObject):
         entry = self._finish(channel, gen)
         if entry is None or gen != self._gen.get(channel):
             return
-        log.warning("%s failed: %s\n%s", channel, err.message, err.details)
+        from kdviewer.errors import KDViewerError
+
+        if isinstance(err.exception, KDViewerError):  # an expected, explained failure (bad file...)
+            log.info("%s failed: %s", channel, err.message)
+        else:
+            log.warning("%s failed: %s\n%s", channel, err.message, err.details)
         on_error = entry[3]
         if on_error is not None:
             try:

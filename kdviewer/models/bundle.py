@@ -281,10 +281,15 @@ class Bundle:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise BundleError(
-                f"{self.source}: {name} contains Python objects other than tensors and was refused "
-                f"(weights files must be plain state dicts): {str(exc).splitlines()[0]}"
-            ) from exc
+            text = str(exc)
+            detail = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), "")
+            if detail:
+                raise BundleError(
+                    f"{self.source}: {name} contains Python objects other than tensors and was refused "
+                    f"(weights files must be plain state dicts; {detail.rstrip('.')})"
+                ) from exc
+            raise BundleError(f"{self.source}: {name} is not a readable weights file (damaged or not "
+                              "written by torch.save)") from exc
         except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise BundleError(f"{self.source}: {name} is not a readable weights file ({first})") from exc
