@@ -30,6 +30,8 @@ POINTING_MIN = 0.6
 #: Tolerance of the pointing game (Zhang et al., 2016): 15 px at 224 px input, i.e. 15/224 of the width;
 #: 9 px on our 128-px-wide phantoms.
 TOLERANCE_PX = 9
+#: Positive validation phantoms scored.
+POINTING_CASES = 32
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def test_pointing_game_on_lesion_phantoms(clf: Classifier) -> None:
     tb = cxr_bundle()
     hits, n = 0, 0
     for img, mask, label in zip(tb.val.images, tb.val.masks, tb.val.labels, strict=True):
-        if not label:
+        if not label or n >= POINTING_CASES:
             continue
         m = saliency(clf, Study(img.astype(np.float32)), "gradcam", target_class="nodule")
         r, c = m.peak

@@ -65,7 +65,7 @@ def _unavailable(module: str, name: str, error: BaseException) -> Any:
     return handler
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-train",
         description="Knowledge-distillation training engine of kdviewer.",
@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recipes)
 
+    wanted = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), None)
     for module, name, helptext in _PLUGINS:
+        if name != wanted:  # import a plugin only when its command runs (some import heavy modules)
+            q = sub.add_parser(name, help=helptext, add_help=False)
+            q.add_argument("rest", nargs=argparse.REMAINDER)
+            q.set_defaults(func=_unavailable(module, name, RuntimeError("not loaded")))
+            continue
         try:
             mod = importlib.import_module(module)
             add = mod.add_cli
@@ -247,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

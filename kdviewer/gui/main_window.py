@@ -884,6 +884,12 @@ class MainWindow(QMainWindow):
         s.sync()
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        # A running training or batch job asks first (its panel stops it gracefully on "yes").
+        for i in range(self.tabs.count()):
+            panel = self.tabs.widget(i)
+            if hasattr(panel, "confirm_close") and not panel.confirm_close():
+                event.ignore()
+                return
         self.save_settings()
         self.runner.shutdown(3000)
         super().closeEvent(event)
