@@ -6,14 +6,22 @@ weight decay 1e-5) on synthetic chest phantoms at a small input size so it runs 
 1. A ResNet-34 teacher is fine-tuned once (by the engine) and saved; both KD runs distil from it.
 2. Engine: ``training.engine.run`` with that teacher (``teacher.weights: <file>``, 0 fine-tune epochs):
    decode + preprocess once into an in-memory cache, frozen-teacher outputs computed once and reused
-   every epoch (no augmentation), bf16 autocast + channels_last where the CPU has AMX (``amp: auto``).
+   every epoch (no augmentation), checkpoints written in the background; ``--amp bf16`` adds bf16
+   autocast + channels_last (``amp: auto`` is fp32 on CPUs).
 3. Plain loop: the textbook version — ``PIL.Image.open`` + torchvision transforms per item every epoch,
-   a ``DataLoader``, the teacher forward at every step, fp32.
+   a ``DataLoader`` (no workers: on 2 cores they would only compete with the compute threads), the
+   teacher forward at every step, fp32, no checkpoints.
+
+The phantoms are rendered at 256 px and stored at 1024 px (``--store-size``), the size of a typical
+digitised chest radiograph, so per-item decoding costs what it does on real data.
 
 Both include per-epoch validation and every one-off cost (decoding, teacher caching) in their time;
 images/s = training images x epochs / wall time. The last line is ``RESULT train_speedup <ratio>``.
 
-    python benchmarks/train_throughput.py [--images 600] [--size 64] [--epochs 6] [--teacher-epochs 4]
+    python benchmarks/train_throughput.py [--images 400] [--size 64] [--epochs 5] [--teacher-epochs 6]
+
+Engine and plain loop run in the order engine, plain, plain, engine (``--repeats 2``) so a drift in the
+machine's load between them cancels out; images/s are summed over both runs of each.
 """
 
 from __future__ import annotations
@@ -40,10 +48,14 @@ from training.data import discover  # noqa: E402
 from training.engine import run  # noqa: E402
 
 
-def make_data(out: Path, n: int, seed: int) -> Path:
+def make_data(out: Path, args: argparse.Namespace) -> Path:
     from training.synth import generate
 
-    return Path(generate("cxr", n, out, fmt="png", seed=seed, size=256, difficulty=0.5))
+    return Path(
+        generate(
+            "cxr", args.images, out, fmt="png", seed=0, size=args.source_size, difficulty=args.difficulty
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------ plain loop
@@ -67,6 +79,7 @@ class PlainImages(Dataset):
 
 
 def plain_kd(splits, teacher_state: dict, args) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()  # setup included, as for the engine
     torch.manual_seed(0)
     k = len(splits.class_names)
     teacher = build_model("resnet34", k, 1)
@@ -81,7 +94,6 @@ def plain_kd(splits, teacher_state: dict, args) -> dict:
     val = DataLoader(PlainImages(splits.val, args.size), batch_size=2 * args.batch, num_workers=0)
     T, alpha = 4.0, 0.7
     best = 0.0
-    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.epochs):
         student.train()
         for x, y in train:
@@ -123,7 +135,7 @@ def engine_cfg(data: Path, out: Path, args, **extra) -> dict:
             "schedule": {"name": "step", "step_size": 10, "gamma": 0.1},
         },
         "runtime": {"device": "cpu", "amp": args.amp, "seed": 0},
-        "output": {"dir": str(out), "export": False},
+        "output": {"dir": str(out), "export": False, "bootstrap": 0},
     }
     cfg.update(extra)
     return cfg
@@ -143,55 +155,69 @@ class _Sink:
         pass
 
 
+def engine_kd(cfg: dict) -> dict:
+    sink = _Sink()
+    t, c = time.perf_counter(), time.process_time()
+    result = run(config_from_dict(cfg), EventWriter("engine", [sink]))
+    secs, cpu = time.perf_counter() - t, time.process_time() - c
+    acc = max(h["val"]["accuracy"] for h in result.history if h["stage"] == "student")
+    start = next((line for line in sink.lines if '"run_start"' in line), "")
+    return {
+        "seconds": secs,
+        "cpu_s": cpu,
+        "val_accuracy": acc,
+        "amp": "bf16" if "bfloat16" in start else "off",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=600)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--teacher-epochs", type=int, default=4)
+    ap.add_argument("--images", type=int, default=400, help="synthetic phantoms (70:30 train/val)")
+    ap.add_argument("--source-size", type=int, default=256, help="phantom rendering side in pixels")
+    ap.add_argument("--store-size", type=int, default=1024, help="stored PNG side (typical radiograph)")
+    ap.add_argument("--difficulty", type=float, default=0.2)
+    ap.add_argument("--size", type=int, default=64, help="model input side")
+    ap.add_argument("--epochs", type=int, default=5, help="KD epochs per measured run")
+    ap.add_argument("--teacher-epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="1: engine, plain; 2: engine, plain, plain, engine"
+    )
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory(prefix="kdv-bench-") as tmp_:
         tmp = Path(tmp_)
         t = time.perf_counter()
-        data = make_data(tmp / "data", args.images, seed=0)
-        print(f"data: {args.images} synthetic phantoms in {time.perf_counter() - t:.1f} s", flush=True)
+        data = make_data(tmp / "data", args)
+        print(
+            f"data: {args.images} synthetic phantoms ({args.source_size} px, stored at {args.store_size} px) "
+            f"in {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
 
         # 1. the shared teacher (fine-tuned once, by the engine, as a plain supervised run)
         t = time.perf_counter()
-        teacher_run = run(
-            config_from_dict(
-                engine_cfg(
-                    data,
-                    tmp / "teacher",
-                    args,
-                    student={"arch": "resnet34"},
-                    optim={
-                        "name": "adam",
-                        "lr": 1e-3,
-                        "weight_decay": 1e-5,
-                        "batch_size": args.batch,
-                        "epochs": args.teacher_epochs,
-                    },
-                )
-            ),
-            EventWriter("teacher", [_Sink()]),
-        )
+        optim = {
+            "name": "adam",
+            "lr": 1e-3,
+            "weight_decay": 1e-5,
+            "batch_size": args.batch,
+            "epochs": args.teacher_epochs,
+        }
+        teacher_cfg = engine_cfg(data, tmp / "teacher", args, student={"arch": "resnet34"}, optim=optim)
+        teacher_run = run(config_from_dict(teacher_cfg), EventWriter("teacher", [_Sink()]))
         teacher_state = {
             k: v.detach().float().contiguous() for k, v in teacher_run.student.state_dict().items()
         }
         torch.save(teacher_state, tmp / "teacher.pt")
-        t_acc = teacher_run.history[-1]["val"]["accuracy"]
+        t_best = max(h["val"]["accuracy"] for h in teacher_run.history)
         print(
-            f"teacher ResNet-34: {time.perf_counter() - t:.1f} s, best val accuracy "
-            f"{max(h['val']['accuracy'] for h in teacher_run.history):.3f} (last {t_acc:.3f})",
-            flush=True,
+            f"teacher ResNet-34: {time.perf_counter() - t:.1f} s, best val accuracy {t_best:.3f}", flush=True
         )
 
-        # 2. engine KD
+        # 2./3. engine KD and the plain loop, in the order engine, plain (, plain, engine): ABBA cancels a
+        # steady drift of the machine's load, which on a shared CPU is larger than the effect measured.
         cfg = engine_cfg(
             data,
             tmp / "engine",
@@ -199,41 +225,40 @@ def main() -> None:
             teacher={"arch": "resnet34", "weights": str(tmp / "teacher.pt"), "epochs": 0},
             kd={"methods": [{"name": "hinton", "T": 4, "alpha": 0.7}]},
         )
-        sink = _Sink()
-        t, c = time.perf_counter(), time.process_time()
-        result = run(config_from_dict(cfg), EventWriter("engine", [sink]))
-        e_secs, e_cpu = time.perf_counter() - t, time.process_time() - c
         splits = discover(config_from_dict(cfg).data, seed=0)
-        e_ips = len(splits.train) * args.epochs / e_secs
-        e_acc = max(h["val"]["accuracy"] for h in result.history if h["stage"] == "student")
-        amp = next((line for line in sink.lines if '"run_start"' in line), "")
-        amp = "bf16" if '"amp":"bfloat16"' in amp else "off"
-        print(
-            f"engine KD: {e_secs:.1f} s, {e_ips:.1f} images/s, best val accuracy {e_acc:.3f} (amp {amp})",
-            flush=True,
-        )
+        order = ["engine", "plain"] + (["plain", "engine"] if args.repeats > 1 else [])
+        runs: dict[str, list[dict]] = {"engine": [], "plain": []}
+        for i, which in enumerate(order):
+            if which == "engine":
+                cfg["output"]["dir"] = str(tmp / f"engine-{i}")
+                r = engine_kd(cfg)
+            else:
+                r = plain_kd(splits, teacher_state, args)
+            runs[which].append(r)
+            ips = len(splits.train) * args.epochs / r["seconds"]
+            extra = f", amp {r['amp']}" if which == "engine" else ", fp32, PIL + torchvision per item"
+            print(
+                f"{which:>6} KD: {r['seconds']:.1f} s, {ips:.1f} images/s, CPU {r['cpu_s']:.1f} s, "
+                f"best val accuracy {r['val_accuracy']:.3f}{extra}",
+                flush=True,
+            )
 
-        # 3. plain loop
-        p = plain_kd(splits, teacher_state, args)
-        print(
-            f"plain KD loop: {p['seconds']:.1f} s, {p['images_per_s']:.1f} images/s, "
-            f"best val accuracy {p['val_accuracy']:.3f}",
-            flush=True,
-        )
-
-    speedup = e_ips / p["images_per_s"]
+    n_images = len(splits.train) * args.epochs
+    e_secs = sum(r["seconds"] for r in runs["engine"])
+    p_secs = sum(r["seconds"] for r in runs["plain"])
+    e_cpu = sum(r["cpu_s"] for r in runs["engine"])
+    p_cpu = sum(r["cpu_s"] for r in runs["plain"])
+    e_ips, p_ips = n_images * len(runs["engine"]) / e_secs, n_images * len(runs["plain"]) / p_secs
+    e_acc, p_acc = runs["engine"][0]["val_accuracy"], runs["plain"][0]["val_accuracy"]
+    speedup = e_ips / p_ips
     print(
-        f"train images {len(splits.train)}, val {len(splits.val)}, {args.size} px, {args.epochs} epochs, "
-        f"batch {args.batch}, threads {torch.get_num_threads()}"
+        f"train images {len(splits.train)}, val {len(splits.val)}, {args.size} px input, "
+        f"{args.epochs} KD epochs, "
+        f"batch {args.batch}, torch threads {torch.get_num_threads()}, order {' '.join(order)}"
     )
-    print(
-        f"CPU seconds (all threads): engine {e_cpu:.1f} vs plain {p['cpu_s']:.1f} "
-        f"(ratio {p['cpu_s'] / max(e_cpu, 1e-9):.2f}; less sensitive to other load on the machine)"
-    )
-    print(
-        f"val accuracy engine {e_acc:.3f} vs plain {p['val_accuracy']:.3f} "
-        f"(difference {e_acc - p['val_accuracy']:+.3f})"
-    )
+    print(f"engine {e_ips:.1f} images/s vs plain {p_ips:.1f} images/s (wall clock, one-off caching included)")
+    print(f"CPU seconds: engine {e_cpu:.1f} vs plain {p_cpu:.1f} (ratio {p_cpu / max(e_cpu, 1e-9):.2f})")
+    print(f"val accuracy engine {e_acc:.3f} vs plain {p_acc:.3f} (difference {e_acc - p_acc:+.3f})")
     print(f"RESULT train_speedup {speedup:.2f}")
     if not math.isfinite(speedup):
         sys.exit(1)

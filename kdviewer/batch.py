@@ -439,7 +439,7 @@ def run_batch(
             results = _decode_inline(pending_cases, pre_json)
         else:
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            results = _decode_pooled(pool, pending_cases, pre_json, window=max(2 * workers, batch_size * 2),
+            results = _decode_pooled(pool, pending_cases, pre_json, window=max(2 * workers, batch_size),
                                      cancel=cancel)
         for res in results:
             if cancel is not None and cancel.is_set():

@@ -69,7 +69,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         from kdviewer.gui.render import render_case
     except ImportError as exc:
         raise KDViewerError(f"rendering needs the viewer package, which is not available ({exc})") from exc
-    bundle = _bundle_arg(args.model)
+    bundle = Path(args.model).expanduser() if args.model else None  # None: the viewer's default (demo)
     out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency)
     print(out if out is not None else args.output)
     return EXIT_OK
@@ -326,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `kdviewer info ... | head`: the reader went away; not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print("kdviewer: interrupted" + ("; rerun the same command to resume" if args.command == "classify"
                                          else ""), file=sys.stderr)

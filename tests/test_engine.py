@@ -332,3 +332,14 @@ def test_crash_emits_an_error_event_and_exit_code_1(phantoms, tmp_path):
     assert (tmp_path / "out" / "events.jsonl").read_text().strip().splitlines()[
         -1
     ] == log.read_text().strip().splitlines()[-1]
+
+
+def test_resume_a_finished_run_with_more_epochs(reference, phantoms, tmp_path):
+    result, _, _ = reference
+    shutil.copytree(Path(result.output_dir) / "checkpoints", tmp_path / "checkpoints")
+    raw = tiny(phantoms, tmp_path, optim={"epochs": 3})
+    more, rec = _run(raw, resume=True)
+    assert [(e["stage"], e["epoch"]) for e in rec.of("epoch_end")] == [("student", 3)]
+    assert len(more.history) == 4  # teacher 1 + student 1, 2 (from the checkpoint) + student 3
+    same, rec2 = _run(tiny(phantoms, tmp_path, optim={"epochs": 3}), resume=True)
+    assert not rec2.of("epoch_end") and same.status == "completed"  # nothing left to train

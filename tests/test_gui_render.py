@@ -153,8 +153,9 @@ def test_main_gui_without_arguments_opens_demo_model_and_sample(
         seen["study"] = win.study_path
         seen["model"] = win.classifier.manifest.name if win.classifier else None
         seen["settings"] = win.settings.fileName()
+        # Closing the last window ends app.exec(); an extra quit() would stay queued and end the
+        # *next* event loop at once (every later qtbot.waitSignal would time out immediately).
         win.close()
-        QApplication.instance().quit()
 
     QTimer.singleShot(0, check)
     assert main_gui([], None) == 0

@@ -155,3 +155,38 @@ def test_multi_label_bundle_uses_sigmoid(tmp_path: Path) -> None:
     assert np.allclose(pred.probabilities, 1 / (1 + np.exp(-pred.logits[0])), atol=1e-5)
     pairs = zip(pred.class_names, pred.probabilities, strict=True)
     assert pred.positives == [n for n, p in pairs if p >= 0.5]
+
+
+def test_bundle_written_by_the_training_exporter(tmp_path: Path) -> None:
+    """Integration: `training.export.export_bundle` output opens and runs in the viewer's inference."""
+    export = pytest.importorskip("training.export")
+    import torch
+
+    from kdviewer.inference.saliency import saliency
+    from kdviewer.models.bundle import open_bundle
+
+    tb = cxr_bundle()
+    src = open_bundle(tb.path)
+    student, teacher = src.build_torch("student"), src.build_torch("teacher")
+    x = torch.from_numpy(tb.val_inputs)
+    y = torch.from_numpy(tb.val.labels)
+    train = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 64, 32)]
+    val = [(x[i : i + 32], y[i : i + 32]) for i in range(32, 96, 32)]
+    out = export.export_bundle(
+        tmp_path / "exported", name="exported-test", task="single-label", class_names=["normal", "nodule"],
+        preprocessing=src.manifest.preprocessing, student=student, student_arch="resnet18",
+        teacher=teacher, teacher_arch="mobilenet_v3_small", train_loader=train, val_loader=val,
+        config={}, history=[], data_fingerprint="test", synthetic=True, n_boot=20, complexity=False,
+        latency_runs=3, calibration_size=32, report=False,
+    )
+    b = open_bundle(out)
+    assert b.is_synthetic and b.has_teacher and b.manifest.ood is not None
+    clf = Classifier(b)
+    assert clf.int8 == (b.manifest.int8_parity.get("recommended", 0.0) >= 1.0)
+    study = Study(tb.val.images[0].astype(np.float32))
+    c = clf.compare(study)
+    assert c.student.calibrated == (b.manifest.calibration.temperature != 1.0 or
+                                    b.manifest.calibration.ece_after is not None)
+    assert c.threshold == b.manifest.disagreement_threshold
+    assert c.student.ood_score is not None
+    assert saliency(clf, study, "gradcam").heatmap.shape == study.shape

@@ -31,7 +31,7 @@ def _script():
     return mod
 
 
-@pytest.mark.parametrize("arch", ["resnet18_s", "resnet18_s_half", "smallcnn_s"])
+@pytest.mark.parametrize("arch", ["resnet18_s", "resnet18_s_half", "smallcnn_s", "smallcnn_m"])
 def test_small_input_arch_keeps_resolution(arch: str) -> None:
     model = build_model(arch, 2, 1, dropout=0.1).eval()
     spec = spec_of(model)

@@ -1,5 +1,9 @@
 """Atomic, weights-only checkpoints and the RNG state that makes ``--resume`` exact.
 
+`AsyncSaver` writes in a background thread so training does not wait for the disk: the caller hands
+over a *snapshot* (`snapshot` clones every tensor, so later optimizer steps cannot change what is being
+written); at most one write is in flight, and a new one first waits for the previous.
+
 A checkpoint is a plain dict of tensors and Python primitives written with `torch.save` to a temporary
 file in the same folder, flushed to disk and moved over the old one with `os.replace` (atomic on POSIX
 and Windows): a run killed while saving leaves the previous checkpoint intact. Reading uses
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +85,66 @@ def restore_rng(state: dict[str, Any]) -> None:
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a state dict (safe to keep while training continues)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples whose tensors are cloned to the CPU (detached)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(snapshot(v) for v in obj)
+    return obj
+
+
+class AsyncSaver:
+    """Background `atomic_save` of snapshots; completed writes are reported by `poll` / `wait`."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._done: list[Any] = []
+        self._error: BaseException | None = None
+
+    def submit(self, items: list[tuple[Any, Path]], meta: Any = None, sync: bool = False) -> None:
+        """Write ``items`` ([(snapshot, path)], in order); ``meta`` is returned by `poll` when done."""
+        self.join()
+
+        def work() -> None:
+            try:
+                for obj, path in items:
+                    atomic_save(obj, path)
+                with self._lock:
+                    self._done.append(meta)
+            except BaseException as exc:  # reported on the training thread by join()
+                self._error = exc
+
+        if sync:
+            work()
+            self._raise()
+            return
+        self._thread = threading.Thread(target=work, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def poll(self) -> list[Any]:
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def wait(self) -> list[Any]:
+        self.join()
+        return self.poll()

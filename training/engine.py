@@ -54,11 +54,13 @@ from training import distributed as ddp
 from training.checkpoint import (
     LAST,
     TEACHER,
+    AsyncSaver,
     atomic_save,
     capture_rng,
     cpu_state_dict,
     load_checkpoint,
     restore_rng,
+    snapshot,
 )
 from training.config import ConfigError, OptimConfig, RunConfig
 from training.data import BatchLoader, DataSplits, ImageDataset, build_datasets, discover
@@ -68,6 +70,7 @@ from training.zoo import count_parameters, create_model
 log = logging.getLogger(__name__)
 
 STOP_FILE = "STOP"
+CPU_BF16_AUTO = False  # amp: auto on CPU -> bf16 when the CPU has AMX (off: see select_amp)
 STEP_EVENT_INTERVAL_S = 0.2  # at most ~5 step events per second (plus each epoch's last step)
 
 
@@ -123,7 +126,11 @@ def _cpu_has_amx() -> bool:
 
 
 def select_amp(pref: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: auto = bf16 (or fp16) on CUDA, bf16 on CPUs with AMX, off elsewhere."""
+    """Autocast dtype. ``auto``: bf16 (fp16 on GPUs without bf16) on CUDA; off on CPU and MPS.
+
+    On CPUs with AMX (``amx_bf16``) ``amp: bf16`` can be faster, but on a shared 2-core machine it
+    measured slower than fp32, so it is opt-in there (``cpu_bf16_auto`` keeps the old heuristic).
+    """
     if pref == "off":
         return None
     if pref == "bf16":
@@ -132,7 +139,7 @@ def select_amp(pref: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_has_amx():
+    if device.type == "cpu" and CPU_BF16_AUTO and _cpu_has_amx():
         return torch.bfloat16
     return None
 
@@ -236,6 +243,7 @@ class _Ctx:
     stage_steps: dict[str, int]
     resume_state: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
+    saver: AsyncSaver = field(default_factory=AsyncSaver)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -442,14 +450,31 @@ def _step_event(ctx: _Ctx, **fields: Any) -> None:
     ctx.events.emit("step", gpu_mem_mb=gpu, **fields)
 
 
-def _save(ctx: _Ctx, state: dict[str, Any], reason: str, stage: str, epoch: int, name: str = LAST) -> Path:
-    path = ctx.ckpt_dir / name
+def _save(
+    ctx: _Ctx,
+    state: dict[str, Any],
+    reason: str,
+    stage: str,
+    epoch: int,
+    extra: tuple[tuple[Any, Path], ...] = (),
+    sync: bool = False,
+) -> Path:
+    """Write ``last.pt`` (after ``extra`` files) in the background; ``sync`` waits for it."""
+    path = ctx.ckpt_dir / LAST
     if ctx.dist.is_main:
-        atomic_save(state, path)
-        ctx.events.emit("checkpoint", stage=stage, epoch=epoch, path=str(path), reason=reason)
-    if name == LAST:
+        meta = {"stage": stage, "epoch": epoch, "path": str(path), "reason": reason}
+        ctx.saver.submit([*extra, (state, path)], meta, sync=sync)
+        _drain(ctx)
+    else:
         ctx.last_checkpoint = path
     return path
+
+
+def _drain(ctx: _Ctx, wait: bool = False) -> None:
+    """Emit ``checkpoint`` events for the writes that have completed (all of them with ``wait``)."""
+    for meta in ctx.saver.wait() if wait else ctx.saver.poll():
+        ctx.last_checkpoint = Path(meta["path"])
+        ctx.events.emit("checkpoint", **meta)
 
 
 def _progress(total: int, desc: str, initial: int = 0) -> Any:
@@ -499,7 +524,12 @@ def train_stage(
             scaler.load_state_dict(resume["scaler"])
         best, best_epoch, bad_epochs = resume["best"], resume["best_epoch"], resume["bad_epochs"]
         best_state = resume.get("best_state")
-        done = bool(resume.get("done"))
+        if resume.get("best_is_current"):
+            best_state = cpu_state_dict(model)
+        patience = optim_cfg.early_stopping.patience
+        stopped_early = patience is not None and bad_epochs >= patience
+        # finished, unless the run file now asks for more epochs than the finished stage had
+        done = bool(resume.get("done")) and (resume["epoch"] >= optim_cfg.epochs or stopped_early)
         start_epoch, start_step = resume["epoch"] + 1, resume["step_in_epoch"]
         if start_step:
             start_epoch -= 1  # stopped inside epoch `resume["epoch"]`: continue that epoch
@@ -605,6 +635,8 @@ def train_stage(
                         eta_s=remaining * sec_per_step if sec_per_step else None,
                     )
                     last_emit, window_images, window_t = now, 0, now
+                if ctx.dist.is_main:
+                    _drain(ctx)  # checkpoint events of background writes that have finished
                 if ddp.any_flag(ctx.stop.requested, ctx.dist, ctx.device) and not last_step:
                     state = _stage_state(
                         module,
@@ -622,7 +654,7 @@ def train_stage(
                         ctx,
                     )
                     state["epoch"] = epoch
-                    ckpt = _save(ctx, state, "stop", stage, epoch)
+                    ckpt = _save(ctx, state, "stop", stage, epoch, sync=True)
                     raise StopRequested(ckpt, stage, epoch)
             if bar is not None:
                 bar.close()
@@ -658,8 +690,7 @@ def train_stage(
             stop_early = patience is not None and bad_epochs >= patience
             finished = stop_early or epoch == epochs
             stop_now = ddp.any_flag(ctx.stop.requested, ctx.dist, ctx.device) and not finished
-            if improved and ctx.dist.is_main:
-                atomic_save(best_state, ctx.ckpt_dir / f"best_{stage}.pt")
+            best_file = ((best_state, ctx.ckpt_dir / f"best_{stage}.pt"),) if improved else ()
             if finished or stop_now or epoch % cfg.output.checkpoint_every == 0:
                 state = _stage_state(
                     module,
@@ -672,12 +703,17 @@ def train_stage(
                     best,
                     best_epoch,
                     bad_epochs,
-                    best_state,
+                    None if improved else best_state,  # improved: the best weights are "module"
                     {},
                     ctx,
                 )
+                state["best_is_current"] = improved
                 state["done"] = finished
-                ckpt = _save(ctx, state, "stop" if stop_now else "epoch", stage, epoch)
+                ckpt = _save(
+                    ctx, state, "stop" if stop_now else "epoch", stage, epoch, best_file, sync=stop_now
+                )
+            elif best_file and ctx.dist.is_main:
+                ctx.saver.submit(list(best_file))
             if stop_early and ctx.dist.is_main:
                 ctx.events.emit(
                     "log",
@@ -695,6 +731,7 @@ def train_stage(
         if t_hooks is not None:
             t_hooks.remove()
         module.hooks.remove()
+    _drain(ctx, wait=True)
     if optim_cfg.select_best and best_state is not None:
         model.load_state_dict(best_state)
     return model
@@ -722,9 +759,9 @@ def _stage_state(
         "epoch": epoch,  # completed epochs (or the current one when step_in_epoch > 0)
         "step_in_epoch": step_in_epoch,
         "module": cpu_state_dict(module),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict() if sched is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "optimizer": snapshot(opt.state_dict()),  # cloned: written while training goes on
+        "scheduler": snapshot(sched.state_dict()) if sched is not None else None,
+        "scaler": snapshot(scaler.state_dict()) if scaler is not None else None,
         "best": best,
         "best_epoch": best_epoch,
         "bad_epochs": bad_epochs,
@@ -822,7 +859,13 @@ def _own_eval_events(ctx: _Ctx, model: nn.Module, stage: str) -> dict[str, Any]:
         if split not in ctx.loaders:
             continue
         res = evaluate(model, ctx.loaders[split], ctx.cfg.task, ctx.device, ctx.amp, ctx.channels_last)
-        m = compute_metrics(res["targets"], res["probs"], ctx.splits.class_names, ctx.cfg.task, n_boot=200)
+        m = compute_metrics(
+            res["targets"],
+            res["probs"],
+            ctx.splits.class_names,
+            ctx.cfg.task,
+            n_boot=ctx.cfg.output.bootstrap,
+        )
         ctx.events.emit(
             "eval",
             stage=stage,
@@ -1102,6 +1145,9 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
                 (out / STOP_FILE).unlink()
         return RunResult("stopped", out, None, stopped.checkpoint, {}, ctx.history)
     except BaseException as exc:
+        if ctx is not None:
+            with contextlib.suppress(BaseException):
+                _drain(ctx, wait=True)  # let the checkpoint being written finish: it stays usable
         if dist.is_main:
             last_ckpt = ctx.last_checkpoint if ctx is not None else None
             events.emit(

@@ -11,7 +11,8 @@ from typing import Any
 _EXPORTS = {
     "Classifier": "kdviewer.inference.predict",
     "Prediction": "kdviewer.inference.predict",
-    "Comparison": "kdviewer.inference.predict",
+    "Comparison": "kdviewer.inference.compare",
+    "compare_predictions": "kdviewer.inference.compare",
     "saliency": "kdviewer.inference.saliency",
     "SaliencyMap": "kdviewer.inference.saliency",
     "saliency_agreement": "kdviewer.inference.saliency",

@@ -328,6 +328,11 @@ class Bundle:
         pre = self.manifest.preprocessing
         try:
             model = build_model(arch, self.manifest.num_classes, pre.channels, dropout)
+            pruned = self.manifest.training.get("pruned_channels") if role == "student" else None
+            if pruned:  # a structurally pruned student: reshape before loading its smaller weights
+                from kdviewer.models.pruning import apply_channel_config
+
+                apply_channel_config(model, {str(k): int(v) for k, v in dict(pruned).items()})
             model.load_state_dict(state, strict=True)
         except (RuntimeError, KeyError, ValueError) as exc:
             lines = str(exc).splitlines()
