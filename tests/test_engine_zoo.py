@@ -97,8 +97,10 @@ def test_weights_from_a_bundle_folder_and_zip(tmp_path):
     bundle.mkdir()
     torch.save(teacher.state_dict(), bundle / "teacher.pt")
     torch.save(student.state_dict(), bundle / "student.pt")
-    manifest = {"teacher": {"architecture": "resnet18", "weights": "teacher.pt"},
-                "student": {"architecture": "cxrnet_s", "weights": "student.pt"}}
+    manifest = {
+        "teacher": {"architecture": "resnet18", "weights": "teacher.pt"},
+        "student": {"architecture": "cxrnet_s", "weights": "student.pt"},
+    }
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     t = create_model("resnet18", 2, 1, weights=str(bundle), role="teacher")
     assert torch.equal(t.conv1.weight, teacher.conv1.weight)

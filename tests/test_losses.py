@@ -65,7 +65,7 @@ def test_zero_when_equal_positive_otherwise_and_descends(name, loss, teacher):
     t_rec = _record(loss, teacher)
     same = loss(_student({k: v.clone() for k, v in teacher.items()}), t_rec, targets)
     assert same.ndim == 0
-    assert float(same) == pytest.approx(0.0, abs=1e-5), name
+    assert same.detach().item() == pytest.approx(0.0, abs=1e-5), name
 
     student = {k: (v + 0.8 * torch.randn_like(v)).requires_grad_(True) for k, v in teacher.items()}
     value = loss(_student(student), t_rec, targets)
@@ -81,7 +81,7 @@ def test_zero_when_equal_positive_otherwise_and_descends(name, loss, teacher):
         for p in params:
             p -= lr * p.grad
         after = loss(_student(stepped), t_rec, targets)
-    assert float(after) < float(value), f"{name}: a step along -grad did not reduce the loss"
+    assert after.item() < value.item(), f"{name}: a step along -grad did not reduce the loss"
 
 
 def test_hinton_matches_formula():
@@ -110,8 +110,15 @@ def test_attention_handles_different_spatial_sizes():
 def test_combiner_on_real_models_and_hooks():
     student = build_model("cxrnet_s", 3, 1)
     teacher = build_model("resnet18", 3, 1).eval()
-    kd = KDConfig(methods=[{"name": "hinton", "T": 4, "alpha": 0.7}, {"name": "at"}, {"name": "rkd"},
-                           {"name": "sp"}, {"name": "fitnets"}])
+    kd = KDConfig(
+        methods=[
+            {"name": "hinton", "T": 4, "alpha": 0.7},
+            {"name": "at"},
+            {"name": "rkd"},
+            {"name": "sp"},
+            {"name": "fitnets"},
+        ]
+    )
     comb = build_combiner(kd, "single-label", 0.3, student, teacher, 1, 32)
     assert set(comb.student_layers()) >= {"layer1", "layer4"}
     x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 3, (4,))

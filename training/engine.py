@@ -70,7 +70,10 @@ from training.zoo import count_parameters, create_model
 log = logging.getLogger(__name__)
 
 STOP_FILE = "STOP"
-CPU_BF16_AUTO = False  # amp: auto on CPU -> bf16 when the CPU has AMX (off: see select_amp)
+# amp: auto on a CPU with AMX -> bf16 autocast + channels_last from this input side up. Measured on this
+# 2-core Xeon (ResNet-18 train step, batch 32, fp32 contiguous vs bf16 channels_last): 64 px 303 vs 304 ms
+# (no gain), 96 px 668 vs 445 ms, 128 px 1068 vs 417 ms, 224 px (batch 16) 1564 vs 708 ms.
+CPU_BF16_MIN_INPUT = 96
 STEP_EVENT_INTERVAL_S = 0.2  # at most ~5 step events per second (plus each epoch's last step)
 
 
@@ -125,11 +128,10 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-def select_amp(pref: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype. ``auto``: bf16 (fp16 on GPUs without bf16) on CUDA; off on CPU and MPS.
-
-    On CPUs with AMX (``amx_bf16``) ``amp: bf16`` can be faster, but on a shared 2-core machine it
-    measured slower than fp32, so it is opt-in there (``cpu_bf16_auto`` keeps the old heuristic).
+def select_amp(pref: str, device: torch.device, input_size: int | None = None) -> torch.dtype | None:
+    """Autocast dtype. ``auto``: bf16 (fp16 on GPUs without bf16) on CUDA; on a CPU bf16 only when it
+    has AMX (``amx_bf16``) and the input side is at least ``CPU_BF16_MIN_INPUT`` (smaller convolutions
+    gain nothing from it); otherwise off (fp32). MPS: off.
     """
     if pref == "off":
         return None
@@ -139,7 +141,7 @@ def select_amp(pref: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and CPU_BF16_AUTO and _cpu_has_amx():
+    if device.type == "cpu" and (input_size or 0) >= CPU_BF16_MIN_INPUT and _cpu_has_amx():
         return torch.bfloat16
     return None
 
@@ -260,13 +262,22 @@ def _to_input(x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
 
 
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW, using the fused (single-kernel) implementation where torch has one.
+
+    Fused Adam on a CPU is ~7x faster per step than the default loop over parameters, which is about
+    15 % of a ResNet-18 training step at 64 px.
+    """
+    params = list(params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-        )
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        cls: type[torch.optim.Optimizer] = torch.optim.SGD
+        kwargs: dict[str, Any] = {"momentum": cfg.momentum, "nesterov": cfg.nesterov}
+    else:
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        kwargs = {}
+    try:
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / dtype
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
 def make_scheduler(
@@ -892,7 +903,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
         device = ddp.rank_device(device, dist)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
-        amp = select_amp(cfg.runtime.amp, device)
+        amp = select_amp(cfg.runtime.amp, device, cfg.preprocessing.input_size)
         channels_last = use_channels_last(cfg.runtime.channels_last, device, amp)
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
