@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kdviewer.errors import KDViewerError
+from kdviewer.inference.ood import DomainShift, domain_shift
 
 if TYPE_CHECKING:
     from kdviewer.imaging.study import Study
@@ -91,11 +92,15 @@ class BatchSummary:
     cancelled: bool = False
     json_out: Path | None = None
     label_counts: dict[str, int] = field(default_factory=dict)
+    # OOD flags over every row of the output (earlier runs of a resumed batch too); None without a guard
+    shift: DomainShift | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out_csv"] = str(self.out_csv)
         d["json_out"] = None if self.json_out is None else str(self.json_out)
+        if self.shift is not None:
+            d["shift"].update(expected=self.shift.expected, shifted=self.shift.shifted)
         return d
 
 
@@ -460,8 +465,10 @@ def run_batch(
             pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     elapsed = time.perf_counter() - t_start
+    rows = read_done(out_csv, columns)
+    scored = [r["ood_flag"] for r in rows if r.get("ood_flag") in ("true", "false")]
+    shift = domain_shift(scored.count("true"), len(scored)) if clf.ood is not None and scored else None
     if json_path is not None and jsonl is None:
-        rows = read_done(out_csv, columns)
         tmp = json_path.with_suffix(json_path.suffix + ".tmp")
         tmp.write_text(json.dumps([_typed(r) for r in rows], indent=1), encoding="utf-8")
         os.replace(tmp, json_path)
@@ -478,6 +485,7 @@ def run_batch(
         cancelled=cancelled,
         json_out=json_path,
         label_counts=labels,
+        shift=shift,
     )
 
 
@@ -569,7 +577,8 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
     return str(out)
 
 
-def summary_lines(s: BatchSummary) -> list[str]:
+def summary_lines(s: BatchSummary, shift: bool = True) -> list[str]:
+    """Human-readable summary; ``shift=False`` leaves out the domain-shift warning (shown elsewhere)."""
     buf = io.StringIO()
     buf.write(f"{s.processed} case(s) classified in {s.elapsed_s:.1f} s ({s.images_per_s:.1f} images/s)")
     if s.skipped:
@@ -581,6 +590,8 @@ def summary_lines(s: BatchSummary) -> list[str]:
         lines.append(f"{s.errors} file(s) could not be read (see the 'error' column)")
     if s.ood_flagged:
         lines.append(f"{s.ood_flagged} case(s) flagged as unlike the training data (ood_flag)")
+    if shift and s.shift is not None and s.shift.shifted:
+        lines.append(s.shift.message())
     if s.disagreements:
         lines.append(f"{s.disagreements} case(s) where student and teacher disagree")
     if s.cancelled:

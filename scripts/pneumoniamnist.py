@@ -181,6 +181,22 @@ def evaluate_student(
     return {"metrics": metrics, "confusion_matrix": m["confusion_matrix"]}
 
 
+def _finished(run_dir: Path, epochs: int) -> bool:
+    """An engine run that ended (run_end) after ``epochs`` student epochs, with its best checkpoint."""
+    import yaml
+
+    try:
+        events = (run_dir / "events.jsonl").read_text(encoding="utf-8")
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except OSError:
+        return False
+    return (
+        '"event":"run_end"' in events
+        and (run_dir / "checkpoints" / "best_student.pt").is_file()
+        and cfg.get("optim", {}).get("epochs") == epochs
+    )
+
+
 def run_ablation(
     out: Path,
     bundle: Path,
@@ -196,8 +212,13 @@ def run_ablation(
     student_dropout: float,
     main_epochs: int,
     n_boot: int,
+    reuse: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train every ablation student (``jobs`` at a time) and evaluate it; returns (entries, run infos)."""
+    """Train every ablation student (``jobs`` at a time) and evaluate it; returns (entries, run infos).
+
+    ``reuse`` (run infos of an earlier pass, keyed by output folder) skips runs that already finished
+    with the same number of epochs (their events.jsonl has ``run_end``).
+    """
     todo = []
     for seed in seeds:
         for name, methods in ABLATION.items():
@@ -220,6 +241,13 @@ def run_ablation(
 
     def work(item: tuple[str, int, Path, list[str]]) -> dict[str, Any]:
         name, seed, run_dir, overrides = item
+        if reuse is not None and _finished(run_dir, epochs):
+            log.info("ablation: %s (seed %d) reused from %s", name, seed, run_dir)
+            info = dict(
+                reuse.get(str(run_dir)) or {"out_dir": str(run_dir), **stage_times(run_dir / "events.jsonl")}
+            )
+            info.update(name=name, seed=seed, reused=True)
+            return info
         log.info("ablation: %s (seed %d) -> %s", name, seed, run_dir)
         info = engine_run(run_dir, overrides)
         info.update(name=name, seed=seed)
@@ -245,6 +273,21 @@ def run_ablation(
                 "train_s": st.get("train_s"),
             }
         )
+    if len(seeds) > 1:  # per-method mean over seeds: training-run variation, which the CIs do not cover
+        per_seed = list(entries)
+        for name in ABLATION:
+            runs = [e for e, i in zip(per_seed, infos, strict=True) if i["name"] == name]
+            mean: dict[str, Any] = {}
+            for key in runs[0]["metrics"]:
+                vals = [r["metrics"][key]["value"] for r in runs]
+                mean[key] = {
+                    "value": float(np.mean(vals)),
+                    "ci_low": float(min(vals)),
+                    "ci_high": float(max(vals)),
+                }
+            entries.append(
+                {"name": f"{name}: mean of {len(runs)} seeds [min – max]", "metrics": mean, "epochs": epochs}
+            )
     note = (
         f"ablation students trained {epochs} epochs (the recipe's student: {main_epochs})"
         if epochs != main_epochs
@@ -281,9 +324,8 @@ def ood_check(
     """Flag rates of the OOD guard on real-cxr (should be high) and PneumoniaMNIST val (should be ~1%)."""
     import csv
 
-    from scipy.stats import binom
-
     from kdviewer.inference.predict import Classifier
+    from training.report import ood_verdict
 
     clf = Classifier(bundle, use_int8="auto", threads=threads)
     threshold = float(clf.ood.threshold) if clf.ood is not None else float("nan")
@@ -307,21 +349,8 @@ def ood_check(
         scores = np.asarray(r["scores"], dtype=np.float64)
         n_flag = int(np.sum(r["flags"]))
         flagged = n_flag / len(r["flags"]) if r["flags"] else float("nan")
-        # Batch view (as training.report.ood_results): how surprising is this many flags if every image
-        # were in distribution (the threshold is the 99th percentile of val scores: 1% flagged)?
-        shift_p = float(binom.sf(n_flag - 1, len(r["flags"]), 0.01)) if n_flag else 1.0
-        if not expect_ood:
-            verdict = (
-                "as expected: few images flagged" if flagged <= 0.05 else "NOT as expected: too many flagged"
-            )
-        elif flagged >= 0.8:
-            verdict = "as expected: most images flagged"
-        elif shift_p < 1e-3:
-            verdict = (
-                f"partly: dataset shift detected (p={shift_p:.1e}), only {flagged:.0%} flagged one by one"
-            )
-        else:
-            verdict = "NOT as expected: the guard does not see these images as different"
+        shift, verdict = ood_verdict(n_flag, len(r["flags"]), expect_ood)
+        shift_p = shift.p_value
         entry = {
             "name": name,
             "n": len(scores),
@@ -442,7 +471,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             m = e["metrics"]
             lines.append(
                 f"| {e['name']} | {_ci(m.get('accuracy'))} | {_ci(m.get('roc_auc'))} | "
-                f"{_ci(m.get('balanced_accuracy'))} | {e.get('best_epoch')} |"
+                f"{_ci(m.get('balanced_accuracy'))} | {e.get('best_epoch') or '–'} |"
             )
     ood = summary.get("ood", {}).get("results") or []
     nan = float("nan")
@@ -481,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-runs", type=int, default=200)
     p.add_argument("--skip-main", action="store_true", help="reuse <out>/main (already trained)")
     p.add_argument(
+        "--reuse-ablation-runs",
+        action="store_true",
+        help="keep finished ablation runs in <out>/ablation (e.g. to add a seed)",
+    )
+    p.add_argument(
         "--skip-ablation", action="store_true", help="reuse <out>/main/ablation.json when it exists"
     )
     args = p.parse_args(argv)
@@ -511,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_all = time.time()
     previous: dict[str, Any] = {}
-    if (args.skip_main or args.skip_ablation) and (out / "summary.json").is_file():
+    if (args.skip_main or args.skip_ablation or args.reuse_ablation_runs) and (
+        out / "summary.json"
+    ).is_file():
         previous = json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
     # 1. the recipe -------------------------------------------------------------------------------
@@ -581,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
             student_dropout=cfg.student.dropout,
             main_epochs=cfg.optim.epochs,
             n_boot=n_boot,
+            reuse={i["out_dir"]: i for i in previous.get("ablation_runs", [])}
+            if args.reuse_ablation_runs
+            else None,
         )
         summary["ablation_runs"] = infos
         summary["ablation_wall_s"] = round(time.time() - t_abl, 1)
@@ -625,6 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     shutil.copy2(report, out / "report.html")
     mr = summary["main_run"]
+    ablation_train_s = sum(
+        float((i.get("stages", {}).get("student", {}) or {}).get("train_s") or 0.0)
+        for i in summary.get("ablation_runs", [])
+    )
     load_start = mr.get("loadavg_start") or (previous.get("host") or summary["host"])["loadavg_start"]
     summary["timing"] = {
         "recipe (teacher + student + export), wall-clock": f"{mr.get('wall_s', '?')} s",
@@ -633,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         "student training": f"{mr.get('stages', {}).get('student', {}).get('train_s', '?')} s",
         "load average at start / end of the recipe": f"{load_start[0]:.1f} / "
         f"{(mr.get('loadavg_end') or [float('nan')])[0]:.1f}",
-        "ablation wall-clock": f"{summary.get('ablation_wall_s', '-')} s",
+        "ablation student training, summed over runs": f"{ablation_train_s:.0f} s"
+        f" ({len(summary.get('ablation_runs', []))} runs)",
         "whole script wall-clock": f"{time.time() - t_all:.0f} s",
     }
     if previous.get("timing"):

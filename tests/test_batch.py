@@ -84,11 +84,30 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     data = json.loads(js.read_text())
     assert len(data) == 9 and isinstance(data[0]["prob_normal"], float | type(None))
     assert seen and seen[-1].done == 9 and seen[-1].total == 9 and seen[-1].rate > 0
+    # the set-level OOD check counts every scored row (errors have no score)
+    flags = [r["ood_flag"] for r in rows if r["ood_flag"]]
+    assert s.shift is not None and s.shift.scored == len(flags) == 6
+    assert s.shift.flagged == flags.count("true") == s.ood_flagged
     # restart with the same output: nothing is redone, nothing duplicated
     before = out.read_bytes()
     s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
     assert s2.processed == 0 and s2.skipped == 9
     assert out.read_bytes() == before
+
+
+def test_a_folder_unlike_the_training_data_is_a_domain_shift(tmp_path: Path) -> None:
+    """CT slices given to the X-ray model: flagged one by one, and the folder as a whole is shifted."""
+    from kdviewer.batch import summary_lines
+
+    folder = tmp_path / "ct"
+    for i in range(3):
+        write_ct_series(folder / f"series{i}", ct_volume(np.random.default_rng(i), n=3, size=64))
+    s = run_batch(folder, cxr_bundle().path, tmp_path / "ct.csv", workers=0)
+    assert s.processed == 3 and s.shift is not None and s.shift.scored == 3
+    assert s.shift.flagged == 3 and s.shift.shifted
+    assert any(line.startswith("DOMAIN SHIFT: 3 of 3") for line in summary_lines(s))
+    assert not any("DOMAIN SHIFT" in line for line in summary_lines(s, shift=False))
+    assert s.to_dict()["shift"]["shifted"] is True
 
 
 def test_torn_last_line_is_repaired_on_resume(mixed: Path, tmp_path: Path) -> None:

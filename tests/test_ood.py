@@ -96,3 +96,22 @@ def test_xray_model_flags_ct_noise_and_non_chest_images(tmp_path: Path) -> None:
         assert pred.ood_flag, f"{name} not flagged: {pred.ood_score:.2f} <= {pred.ood_threshold:.2f}"
     in_scores = np.array([p.ood_score for p in val])
     assert min(scores.values()) > np.median(in_scores)
+
+
+def test_domain_shift_is_a_binomial_test_of_the_flag_count() -> None:
+    from scipy.stats import binom
+
+    from kdviewer.inference.ood import domain_shift
+
+    none = domain_shift(0, 200)
+    assert none.p_value == 1.0 and not none.shifted and none.expected == pytest.approx(2.0)
+    # ~1% flagged, as the 99th-percentile threshold gives for in-distribution data: not a shift
+    assert not domain_shift(3, 200).shifted
+    # the PneumoniaMNIST model on 54 adult radiographs: 24 flagged where ~0.5 are expected
+    adult = domain_shift(24, 54)
+    assert adult.shifted and adult.p_value == pytest.approx(binom.sf(23, 54, 0.01))
+    assert adult.p_value < 1e-30 and adult.message().startswith("DOMAIN SHIFT: 24 of 54")
+    # a few cases can never make a shift, however many are flagged... unless all of enough are
+    assert not domain_shift(1, 1).shifted and domain_shift(5, 5).shifted
+    with pytest.raises(ValueError):
+        domain_shift(3, 2)

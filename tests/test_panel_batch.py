@@ -200,3 +200,30 @@ def test_batch_panel_refuses_missing_inputs(qtbot, tmp_path: Path) -> None:
     panel.start()
     assert panel.state == "idle" and panel.worker is None
     assert "folder" in panel.status.text() and "bundle" in panel.status.text()
+
+
+def test_batch_panel_warns_of_a_domain_shift(qtbot, tmp_path: Path) -> None:
+    """A folder of CT series given to the trained X-ray test model: a visible domain-shift warning."""
+    from _bundles import ct_volume, cxr_bundle, write_ct_series
+
+    from kdviewer.gui.batch_panel import BatchPanel
+
+    folder = tmp_path / "ct"
+    for i in range(3):
+        write_ct_series(folder / f"series{i}", ct_volume(np.random.default_rng(i), n=3, size=64))
+    panel = BatchPanel()
+    qtbot.addWidget(panel)
+    panel.folder.setText(str(folder))
+    panel.bundle.setText(str(cxr_bundle().path))
+    panel.output.setText(str(tmp_path / "ct.csv"))
+    panel.workers.setValue(1)
+    panel.show()
+    _run(qtbot, panel, panel.start_button)
+    assert panel.shift_bar.isVisible() and panel.shift_bar.level == "warning"
+    assert panel.shift_bar.label.text().startswith("DOMAIN SHIFT: 3 of 3")
+    assert "DOMAIN SHIFT" not in panel.status.text()  # said once, in the bar
+    panel.output.setText(str(tmp_path / "again.csv"))
+    with qtbot.waitSignal(panel.batch_finished, timeout=120_000):
+        panel.start()
+        assert not panel.shift_bar.isVisible()  # a new run clears the old warning
+    assert panel.shift_bar.isVisible()  # ... and the same folder warns again

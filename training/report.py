@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from kdviewer.inference.ood import DomainShift, domain_shift
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-IN_DIST_FLAG_RATE = 0.01  # the OOD threshold is the 99th percentile of val scores
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -639,6 +640,29 @@ def _section_ood(evaluation: dict, results: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------ OOD results
 
 
+def ood_verdict(n_flagged: int, n: int, expect_ood: bool) -> tuple[DomainShift, str]:
+    """Does the guard say what it should about a set of ``n`` images of which ``n_flagged`` were flagged?
+
+    Per image first (out-of-distribution set: >= 80% flagged; in-distribution: <= 5%), then, for an
+    out-of-distribution set that is not flagged image by image, at the set level (`DomainShift`).
+    """
+    shift = domain_shift(n_flagged, n)
+    flagged = n_flagged / n if n else float("nan")
+    if not expect_ood:
+        ok = flagged <= 0.05
+        verdict = "as expected: few images flagged" if ok else "NOT as expected: too many flagged"
+    elif flagged >= 0.8:
+        verdict = "as expected: most images flagged"
+    elif shift.shifted:
+        verdict = (
+            f"partly: set-level domain shift detected (p={shift.p_value:.1e}), "
+            f"only {flagged:.0%} flagged one by one"
+        )
+    else:
+        verdict = "NOT as expected: the guard does not see these images as different"
+    return shift, verdict
+
+
 def ood_results(
     bundle: str | Path,
     data: str | Path,
@@ -686,26 +710,10 @@ def ood_results(
         scores = ood_scores(feats, stats)
         threshold = float(m.ood.threshold)
         labels = [m.class_names[i] for i in logits.argmax(1)] if m.task == "single-label" else []
-    from scipy.stats import binom
-
     n_flagged = int(np.sum(scores > threshold))
     flagged = n_flagged / len(scores)
-    # Dataset-level shift: how surprising is this many flags if the images were in-distribution
-    # (each flagged with probability 1%, the threshold's definition)?
-    shift_p = float(binom.sf(n_flagged - 1, len(scores), IN_DIST_FLAG_RATE)) if n_flagged else 1.0
-    if expect_ood:
-        if flagged >= 0.8:
-            verdict = "as expected: most images flagged"
-        elif shift_p < 1e-3:
-            verdict = (
-                f"partly: dataset shift detected (p={shift_p:.1e}), only {flagged:.0%} flagged one by one"
-            )
-        else:
-            verdict = "NOT as expected: the guard does not see these images as different"
-    else:
-        verdict = (
-            "as expected: few images flagged" if flagged <= 0.05 else "NOT as expected: too many flagged"
-        )
+    shift, verdict = ood_verdict(n_flagged, len(scores), expect_ood)
+    shift_p = shift.p_value
     return {
         "name": name or data.name,
         "n": len(scores),

@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from kdviewer.gui.banner import MessageBar
 from kdviewer.gui.batch_model import PATH_ROLE, BatchFilterProxy, BatchResultsModel
 
 
@@ -130,7 +131,7 @@ def _summary_text(summary: Any) -> str:
     try:
         from kdviewer.batch import summary_lines
 
-        return " ".join(line.rstrip(".") + "." for line in summary_lines(summary)[:-1])
+        return " ".join(line.rstrip(".") + "." for line in summary_lines(summary, shift=False)[:-1])
     except Exception:
         return ""
 
@@ -242,6 +243,9 @@ class BatchPanel(QWidget):
         sv.addLayout(buttons)
         sv.addWidget(self.progress)
         sv.addWidget(self.status)
+        # set-level OOD check of the whole folder (kdviewer.inference.ood.DomainShift)
+        self.shift_bar = MessageBar(self)
+        sv.addWidget(self.shift_bar)
 
         # -- results --------------------------------------------------------------------------------
         self.model = BatchResultsModel(self)
@@ -402,6 +406,7 @@ class BatchPanel(QWidget):
         self._started = time.monotonic()
         self.progress.setRange(0, 0)  # busy until the first progress report
         self.status.setText("Starting (loading the model)…")
+        self.shift_bar.dismiss()
         self._set_state("running")
         self.worker.start()
         self._refresh_timer.start()
@@ -447,6 +452,19 @@ class BatchPanel(QWidget):
             f"{word} in {elapsed:.1f} s. {extra}".strip()
             + (" Press Resume to continue." if cancelled else "")
         )
+        shift = getattr(summary, "shift", None)
+        if shift is not None and shift.shifted:
+            self.shift_bar.show_message(
+                shift.message(),
+                "warning",
+                details=(
+                    "The OOD guard flags about 1% of cases that are like the model's training data (its "
+                    "threshold is the 99th percentile of validation scores). Many more flags in one folder "
+                    "mean the folder as a whole comes from a different population, scanner or task than "
+                    "the model was trained on, even where single cases are not flagged. The p-value is the "
+                    "binomial probability of this many flags by chance."
+                ),
+            )
 
     def _on_failed(self, message: str, tb: str) -> None:
         self.outcome = "failed"

@@ -88,6 +88,55 @@ class OodGuard:
         return s, s > self.threshold
 
 
+IN_DIST_FLAG_RATE = 0.01  # the threshold is the 99th percentile of val scores: ~1% of in-distribution cases
+SHIFT_P_VALUE = 1e-3  # a set of cases with a flag count this improbable is called shifted
+
+
+@dataclass(frozen=True)
+class DomainShift:
+    """Set-level check of a group of cases (a batch folder): are there more OOD flags than chance?
+
+    One by one, the guard misses cases that are only a little unlike the training data; a whole folder
+    of them still shows as many more flags than the ``rate`` (1%) expected of in-distribution data.
+    ``p_value`` is the binomial probability of at least ``flagged`` flags among ``scored`` cases.
+    """
+
+    flagged: int
+    scored: int
+    rate: float
+    p_value: float
+
+    @property
+    def expected(self) -> float:
+        return self.rate * self.scored
+
+    @property
+    def shifted(self) -> bool:
+        return self.scored > 0 and self.p_value < SHIFT_P_VALUE
+
+    def message(self) -> str:
+        head = (
+            f"{self.flagged} of {self.scored} case(s) flagged by the OOD guard where about "
+            f"{self.expected:.1f} would be for data like the training set (p = {self.p_value:.1e})"
+        )
+        if self.shifted:
+            return (
+                f"DOMAIN SHIFT: {head}. These cases do not look like the model's training data; "
+                "treat all their results with caution."
+            )
+        return head
+
+
+def domain_shift(flagged: int, scored: int, rate: float = IN_DIST_FLAG_RATE) -> DomainShift:
+    """`DomainShift` of ``flagged`` flags among ``scored`` cases (scipy's binomial survival function)."""
+    from scipy.stats import binom
+
+    if not 0 <= flagged <= scored:
+        raise ValueError(f"flagged ({flagged}) must be between 0 and scored ({scored})")
+    p = float(binom.sf(flagged - 1, scored, rate)) if flagged else 1.0
+    return DomainShift(flagged, scored, rate, p)
+
+
 def threshold_from_scores(scores: np.ndarray, percentile: float = 99.0) -> float:
     """The usual threshold: a high percentile of in-distribution (validation) scores."""
     return float(np.percentile(np.asarray(scores, dtype=np.float64), percentile))
