@@ -227,3 +227,33 @@ def test_batch_panel_warns_of_a_domain_shift(qtbot, tmp_path: Path) -> None:
         panel.start()
         assert not panel.shift_bar.isVisible()  # a new run clears the old warning
     assert panel.shift_bar.isVisible()  # ... and the same folder warns again
+
+
+def test_attention_rows_keep_readable_contrast(qtbot) -> None:
+    """Tinted rows (error / OOD / disagreement) set both colours, with a large luminance contrast."""
+    from PySide6.QtCore import Qt
+
+    from kdviewer.gui.batch_model import BatchResultsModel
+
+    model = BatchResultsModel()
+    model.set_rows(
+        ["path", "label", "ood_flag", "disagreement", "error"],
+        [
+            {"path": "a.png", "label": "x", "ood_flag": "true", "disagreement": "", "error": ""},
+            {"path": "b.png", "label": "x", "ood_flag": "", "disagreement": "true", "error": ""},
+            {"path": "c.png", "label": "", "ood_flag": "", "disagreement": "", "error": "corrupt"},
+            {"path": "d.png", "label": "x", "ood_flag": "false", "disagreement": "false", "error": ""},
+        ],
+    )
+
+    def lum(brush) -> float:
+        c = brush.color()
+        return 0.2126 * c.redF() + 0.7152 * c.greenF() + 0.0722 * c.blueF()
+
+    for r in range(3):
+        idx = model.index(r, 0)
+        bg = model.data(idx, Qt.ItemDataRole.BackgroundRole)
+        fg = model.data(idx, Qt.ItemDataRole.ForegroundRole)
+        assert bg is not None and fg is not None
+        assert lum(fg) - lum(bg) > 0.5
+    assert model.data(model.index(3, 0), Qt.ItemDataRole.BackgroundRole) is None

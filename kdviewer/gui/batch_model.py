@@ -57,6 +57,14 @@ def read_results_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]
     return header, rows
 
 
+# (background, text) of rows that need attention: dark tints with light text, readable on the dark theme
+ROW_TINTS = {
+    "error": ("#4a161c", "#ffc2c8"),
+    "ood": ("#473a12", "#ffe296"),
+    "disagree": ("#4e2c10", "#ffcda0"),
+}
+
+
 class BatchResultsModel(QAbstractTableModel):
     """Rows of the batch CSV. ``root`` resolves relative paths (double-click opens the case)."""
 
@@ -148,6 +156,16 @@ class BatchResultsModel(QAbstractTableModel):
             return section + 1
         return None
 
+    def row_tint(self, r: int) -> tuple[str, str] | None:
+        """Colours of row ``r``: error, else OOD flag, else disagreement (see ROW_TINTS); None = plain."""
+        if self.has_error(r):
+            return ROW_TINTS["error"]
+        if truthy(self.rows[r].get("ood_flag")):
+            return ROW_TINTS["ood"]
+        if truthy(self.rows[r].get("disagreement")):
+            return ROW_TINTS["disagree"]
+        return None
+
     def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid():
             return None
@@ -182,15 +200,10 @@ class BatchResultsModel(QAbstractTableModel):
             return None
         if role == Qt.ItemDataRole.TextAlignmentRole and num is not None:
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        if role == Qt.ItemDataRole.BackgroundRole:
-            if self.has_error(r):
-                return QBrush(QColor(253, 231, 233))
-            if truthy(self.rows[r].get("ood_flag")):
-                return QBrush(QColor(255, 248, 220))
-            if truthy(self.rows[r].get("disagreement")):
-                return QBrush(QColor(255, 238, 214))
-        if role == Qt.ItemDataRole.ForegroundRole and self.has_error(r):
-            return QBrush(QColor(122, 0, 16))
+        if role in (Qt.ItemDataRole.BackgroundRole, Qt.ItemDataRole.ForegroundRole):
+            tint = self.row_tint(r)
+            if tint is not None:
+                return QBrush(QColor(tint[0 if role == Qt.ItemDataRole.BackgroundRole else 1]))
         return None
 
 
