@@ -110,27 +110,52 @@ def load_classifier(
     warmup: bool = True,
     token: Token = NO_TOKEN,
 ) -> Any:
-    """Open a bundle and build its `Classifier`; a warm-up run keeps the first real answer fast."""
+    """Open a bundle and build its `Classifier`, ready for the student's first answer.
+
+    The deployed student runs on ONNX Runtime, so without the teacher this never imports torch (about
+    6 s of a cold start on a 2-core CPU): the first answer can show while `warm_torch` prepares the
+    teacher and saliency in another worker. ``warmup`` runs the student (and teacher) once on a dummy.
+    """
     from kdviewer.inference.predict import Classifier
 
-    threads = configure_threads(threads)
+    threads = thread_count(threads)  # torch's own thread count is set when torch is first needed
+    if load_teacher:
+        configure_threads(threads)
     clf = Classifier(Path(path), use_int8="auto", threads=threads, load_teacher=load_teacher)
     token.check()
     if warmup:
-        pre = clf.pre
-        dummy = Study(np.random.default_rng(0).random((pre.input_size, pre.input_size), dtype=np.float32))
+        dummy = _dummy_study(clf)
         clf.predict(dummy)
         if load_teacher and clf.has_teacher:
             clf.predict(dummy, role="teacher")
-        token.check()
-        try:  # builds the student's torch network and imports grad-cam now, not on the first case
-            from kdviewer.inference.saliency import saliency
-
-            with model_lock(clf, "student"):
-                saliency(clf, dummy, "gradcam", role="student")
-        except Exception:  # saliency problems are reported when the user asks for a map
-            pass
     return clf
+
+
+def warm_torch(clf: Any, token: Token = NO_TOKEN) -> None:
+    """Import torch and grad-cam and build the student's torch network (and the teacher's, if the bundle
+    has one) now, so that the first saliency map or teacher comparison does not pay for it."""
+    from kdviewer.inference.saliency import saliency
+
+    configure_threads(clf.threads)
+    dummy = _dummy_study(clf)
+    token.check()
+    try:
+        with model_lock(clf, "student"):
+            saliency(clf, dummy, "gradcam", role="student")
+    except Exception:  # saliency problems are reported when the user asks for a map
+        pass
+    token.check()
+    if clf.has_teacher:
+        try:
+            with model_lock(clf, "teacher"):
+                clf.predict(dummy, role="teacher")
+        except Exception:  # teacher problems are reported when the user compares
+            pass
+
+
+def _dummy_study(clf: Any) -> Study:
+    pre = clf.pre
+    return Study(np.random.default_rng(0).random((pre.input_size, pre.input_size), dtype=np.float32))
 
 
 @dataclass
@@ -145,6 +170,8 @@ def analyse(classifier: Any, study: Study, compare: bool, token: Token = NO_TOKE
     t0 = time.perf_counter()
     token.check()
     teacher = compare and classifier.has_teacher
+    if teacher or _student_is_torch(classifier):
+        configure_threads(classifier.threads)
     with ExitStack() as stack:
         if _student_is_torch(classifier):
             stack.enter_context(model_lock(classifier, "student"))
@@ -184,6 +211,7 @@ def compute_saliency(
     """Saliency maps for the requested roles on one frame; reuses ``cache`` entries (keyed by the request)."""
     from kdviewer.inference import saliency as sal
 
+    configure_threads(classifier.threads)
     t0 = time.perf_counter()
     out = SaliencyResult(frame, method, target)
     for role in roles:

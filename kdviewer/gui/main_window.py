@@ -95,6 +95,7 @@ class MainWindow(QMainWindow):
         self.timings: dict[str, float] = {}
         self.last_error: str = ""
         self.warmup_models = True  # warm the runtimes up when a bundle loads (render turns this off)
+        self._bundle_loading: str | None = None  # path of a bundle being loaded
 
         self._build_ui()
         self._build_actions()
@@ -340,6 +341,7 @@ class MainWindow(QMainWindow):
     def load_bundle(self, path: str | os.PathLike) -> None:
         """Load a model bundle (folder or .zip) in the background and switch to it."""
         path = str(path)
+        self._bundle_loading = path
         self.model_panel.set_loading(path)
         self.status_model.setText(f"loading {Path(path).name}…")
         self.runner.cancel("predict")
@@ -525,6 +527,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------------------------------------
 
     def _on_bundle(self, path: str, clf: Any) -> None:
+        self._bundle_loading = None
         old = self.classifier
         self.classifier = clf
         self.bundle_path = path
@@ -545,8 +548,18 @@ class MainWindow(QMainWindow):
         self.bundle_loaded.emit(clf)
         if self.study is not None:
             self.request_analysis()
+        if self.warmup_models:  # torch + grad-cam for saliency and the teacher, after the first answer
+            self.runner.submit(
+                "warm",
+                lambda t: analysis.warm_torch(clf, t),
+                lambda _r: None,
+                lambda e: log.warning("preparing saliency failed: %s", e.message),
+                pool="saliency",
+                description="preparing saliency",
+            )
 
     def _on_bundle_error(self, path: str, err: TaskError) -> None:
+        self._bundle_loading = None
         self.model_panel.set_bundle(
             self.classifier.bundle if self.classifier else None, error=f"Could not load {Path(path).name}"
         )
@@ -562,7 +575,10 @@ class MainWindow(QMainWindow):
         if self.study is None:
             return
         if self.classifier is None:
-            self.predictions.clear("No model loaded — load a bundle to classify (Ctrl+M)")
+            if self._bundle_loading:
+                self.predictions.set_pending(f"Loading the model {Path(self._bundle_loading).name}…")
+            else:
+                self.predictions.clear("No model loaded — load a bundle to classify (Ctrl+M)")
             return
         study, clf, compare = self.study, self.classifier, self.compare_enabled
         self.predictions.set_pending("Analysing…" if not compare else "Analysing (student + teacher)…")
