@@ -56,7 +56,8 @@ def configure_threads(threads: int | None = None) -> int:
     try:
         import torch
 
-        torch.set_num_threads(n)
+        if torch.get_num_threads() != n:  # resizing the thread pool is not free: only when it changes
+            torch.set_num_threads(n)
     except Exception:  # torch missing: inference will say so when it is needed
         pass
     return n

@@ -5,7 +5,11 @@ the training features, with a Ledoit-Wolf shrunk covariance so that a few hundre
 512-dimensional feature still give a well-conditioned precision matrix. Statistics live in the
 bundle's ``ood.npz`` (arrays "mean" (D,) and "precision" (D, D)); the warning threshold is
 ``manifest.ood.threshold`` (by convention the 99th percentile of validation scores). Higher = less
-like the training data. numpy + scikit-learn only.
+like the training data.
+
+`domain_shift` judges a *set* of cases (a batch folder): a near-domain shift that the guard flags only
+now and then per case still shows as far more flags than the ~1% the threshold implies (binomial
+test). numpy + scikit-learn + scipy only.
 """
 
 from __future__ import annotations
