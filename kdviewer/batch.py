@@ -376,6 +376,9 @@ def run_batch(
         raise BatchError(f"cannot write {out_csv}: {exc.strerror or exc}") from exc
 
     stats = {"done": 0, "errors": 0, "ood": 0, "disagree": 0, "images": 0}
+    # OOD flags over the whole output, rows of earlier runs included (the set-level domain-shift test)
+    earlier_flags = [r["ood_flag"] for r in done_rows if r.get("ood_flag") in ("true", "false")]
+    ood_all = {"scored": len(earlier_flags), "flagged": earlier_flags.count("true")}
     labels: dict[str, int] = {}
     cancelled = False
     pre_json = clf.pre.model_dump_json()
@@ -396,6 +399,9 @@ def run_batch(
             stats["errors"] += 1
         if row.get("ood_flag"):
             stats["ood"] += 1
+        if row.get("ood_flag") is not None:
+            ood_all["scored"] += 1
+            ood_all["flagged"] += bool(row["ood_flag"])
         if row.get("disagreement"):
             stats["disagree"] += 1
         if row.get("label"):
@@ -465,10 +471,10 @@ def run_batch(
             pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     elapsed = time.perf_counter() - t_start
-    rows = read_done(out_csv, columns)
-    scored = [r["ood_flag"] for r in rows if r.get("ood_flag") in ("true", "false")]
-    shift = domain_shift(scored.count("true"), len(scored)) if clf.ood is not None and scored else None
+    has_scores = clf.ood is not None and ood_all["scored"] > 0
+    shift = domain_shift(ood_all["flagged"], ood_all["scored"]) if has_scores else None
     if json_path is not None and jsonl is None:
+        rows = read_done(out_csv, columns)
         tmp = json_path.with_suffix(json_path.suffix + ".tmp")
         tmp.write_text(json.dumps([_typed(r) for r in rows], indent=1), encoding="utf-8")
         os.replace(tmp, json_path)

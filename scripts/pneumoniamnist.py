@@ -350,7 +350,6 @@ def ood_check(
         n_flag = int(np.sum(r["flags"]))
         flagged = n_flag / len(r["flags"]) if r["flags"] else float("nan")
         shift, verdict = ood_verdict(n_flag, len(r["flags"]), expect_ood)
-        shift_p = shift.p_value
         entry = {
             "name": name,
             "n": len(scores),
@@ -358,7 +357,7 @@ def ood_check(
             "median_score": float(np.median(scores)) if len(scores) else float("nan"),
             "flagged_fraction": flagged,
             "n_flagged": n_flag,
-            "shift_p_value": shift_p,
+            "shift_p_value": shift.p_value,
             "threshold": threshold,
             "expected": "flagged (out of distribution)" if expect_ood else "not flagged (in distribution)",
             "verdict": verdict,

@@ -713,7 +713,6 @@ def ood_results(
     n_flagged = int(np.sum(scores > threshold))
     flagged = n_flagged / len(scores)
     shift, verdict = ood_verdict(n_flagged, len(scores), expect_ood)
-    shift_p = shift.p_value
     return {
         "name": name or data.name,
         "n": len(scores),
@@ -722,7 +721,7 @@ def ood_results(
         "flagged_fraction": flagged,
         "threshold": threshold,
         "expected": "flagged (out of distribution)" if expect_ood else "not flagged (in distribution)",
-        "shift_p_value": shift_p,
+        "shift_p_value": shift.p_value,
         "verdict": verdict,
         "predicted": {c: labels.count(c) for c in dict.fromkeys(labels)},
     }
