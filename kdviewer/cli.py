@@ -6,7 +6,8 @@
     kdviewer render CASE -o out.png [--saliency M]       a case rendered to PNG (no window)
     kdviewer info PATH                                   an image/series summary, or a bundle's manifest
 
-Without ``--model`` the demo bundle (resources/demo/cxr_demo) is used. Errors print one line; exit code
+Without ``--model`` the bundled real-data model (resources/models/kermany_cxr: paediatric chest
+radiographs, pneumonia vs normal) is used. Errors print one line; exit code
 2 = usage error, 1 = the command failed, 130 = interrupted. In ``classify``, unreadable files are rows
 with an error, not a failure.
 """

@@ -10,6 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -c "import PyInstaller" 2>/dev/null || pip install "pyinstaller>=6.0"
+if [ ! -f resources/models/kermany_cxr/manifest.json ]; then
+    echo "resources/models/kermany_cxr is missing: run python scripts/make_default_bundle.py first" >&2
+    exit 1
+fi
 if [ ! -f resources/demo/cxr_demo/manifest.json ]; then
     echo "resources/demo/cxr_demo is missing: run python scripts/make_demo_assets.py first" >&2
     exit 1

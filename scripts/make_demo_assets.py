@@ -13,7 +13,7 @@ file name and (for DICOM) in PatientName / SeriesDescription / ImageComments:
 
 Bundle (resources/demo/cxr_demo/): trained with our own engine — ``python -m training run
 resources/demo/cxr_demo.yaml`` — in a scratch folder, then copied here. The recipe keeps everything in
-resources/demo under 40 MB (checked at the end; the script fails above it).
+resources/demo and resources/models under 40 MB together (checked at the end; the script fails above it).
 """
 
 from __future__ import annotations
@@ -150,8 +150,10 @@ def make_bundle(quick: bool = False, keep_scratch: bool = False, recipe: Path = 
 
 
 def check_budget() -> float:
-    total = folder_mb(DEMO)
-    print(f"resources/demo total: {total:.1f} MB (budget {BUDGET_MB:.0f} MB)")
+    """All bundled models (the real default model in resources/models and the demo) share the budget."""
+    models = DEMO.parent / "models"
+    total = folder_mb(DEMO) + (folder_mb(models) if models.is_dir() else 0.0)
+    print(f"resources/demo + resources/models total: {total:.1f} MB (budget {BUDGET_MB:.0f} MB)")
     for f in sorted(DEMO.rglob("*")):
         if f.is_file():
             print(f"  {f.relative_to(DEMO)}  {f.stat().st_size / 1e6:.2f} MB")

@@ -9,7 +9,8 @@ own), with only the distillation changed:
 * ``none``: no teacher at all (``teacher: null``, no KD methods) — the baseline;
 * any KD method name (``hinton``, ``fitnets``, ``at``, ``rkd``, ``sp``): that method alone, with the
   recipe's own settings for it when the recipe uses it, else its defaults; the teacher is the one
-  trained by the recipe's main run (``--teacher``, default ``<output.dir>/bundle``), frozen
+  trained by the recipe's main run (``--teacher``: its bundle, default ``<output.dir>/bundle``, or its
+  ``checkpoints/teacher.pt`` as soon as the teacher stage has finished), frozen
   (``teacher.epochs: 0``), so every student learns from the same teacher.
 
 Each student's best-val checkpoint is then evaluated on the val split (never test) with bootstrap 95%
@@ -323,11 +324,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if (
         any(m != "none" for m in methods)
         and not (teacher / "manifest.json").is_file()
-        and not (teacher.suffix == ".zip" and teacher.is_file())
+        and not (teacher.suffix in (".zip", ".pt") and teacher.is_file())
     ):
         print(
-            f"kd-train ablate: no teacher bundle at {teacher}: run the recipe first "
-            f"(kd-train run {args.config}) or pass --teacher BUNDLE",
+            f"kd-train ablate: no teacher at {teacher}: run the recipe first "
+            f"(kd-train run {args.config}) or pass --teacher BUNDLE|TEACHER.pt",
             file=sys.stderr,
         )
         return 2
@@ -362,7 +363,7 @@ def add_cli(sub: Any) -> None:
     )
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (the split stays fixed)")
     p.add_argument(
-        "--teacher", default=None, help="teacher bundle (default: <output.dir>/bundle of the recipe)"
+        "--teacher", default=None, help="teacher bundle or state-dict .pt (default: <output.dir>/bundle)"
     )
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the recipe's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")

@@ -386,6 +386,15 @@ class RuntimeConfig(_Strict):
         return v
 
 
+class ModelCardInfo(_Strict):
+    """What the model card says beyond the numbers: where the data came from and who it represents."""
+
+    data_source: str = ""  # citation and licence of the training data
+    population: str = ""  # who the images are of (age group, centre, views)
+    intended_use: str | None = None  # replaces the manifest's generic decision-support text
+    limitations: list[str] = Field(default_factory=list)  # known limits, added to the generic ones
+
+
 class OutputConfig(_Strict):
     dir: Path = Path("runs/kd-run")
     name: str = "kd-student"
@@ -396,6 +405,7 @@ class OutputConfig(_Strict):
     checkpoint_every: int = Field(1, ge=1)  # epochs
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the metrics' 95% CIs
     latency_runs: int = Field(20, ge=1)  # timed runs per latency measurement in the bundle
+    card: ModelCardInfo = Field(default_factory=ModelCardInfo)
 
 
 # ------------------------------------------------------------------------------------------ the run

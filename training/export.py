@@ -157,7 +157,15 @@ def _summarise_history(history: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
+def _card_info(m: Manifest) -> dict[str, Any]:
+    """The run's ``output.card`` settings (data source, population, limitations), from the manifest."""
+    config = m.training.get("config") if isinstance(m.training, dict) else None
+    card = ((config or {}).get("output") or {}).get("card") if isinstance(config, dict) else None
+    return card if isinstance(card, dict) else {}
+
+
 def _model_card(m: Manifest, evaluation: dict[str, Any]) -> str:
+    card = _card_info(m)
     lines: list[str] = []
     flags = []
     if m.demo:
@@ -197,8 +205,18 @@ def _model_card(m: Manifest, evaluation: dict[str, Any]) -> str:
         lines.append(
             "- The student is structurally pruned (channel counts in manifest training.pruned_channels)."
         )
+    pre = m.preprocessing
+    if pre.aspect == "squeeze" or (pre.aspect is None and pre.resize == pre.input_size):
+        lines.append(
+            f"- Geometry: every image is resized to {pre.input_size} x {pre.input_size} without keeping its "
+            "aspect ratio (as the training images were stored)"
+        )
     data = evaluation.get("data", {})
     lines += ["", "## Data", ""]
+    if card.get("data_source"):
+        lines.append(f"- Source: {card['data_source']}")
+    if card.get("population"):
+        lines.append(f"- Population: {card['population']}")
     lines.append(
         f"- Images: train {data.get('train', '?')}, val {data.get('val', '?')}, "
         f"test {data.get('test') or '-'}"
@@ -257,6 +275,7 @@ def _model_card(m: Manifest, evaluation: dict[str, Any]) -> str:
         "studies or other views.",
         "- Saliency maps show what influenced the score, not where disease is.",
     ]
+    lines += [f"- {text}" for text in card.get("limitations") or []]
     return "\n".join(lines) + "\n"
 
 
@@ -550,6 +569,7 @@ def export_bundle(
         _phase("")
         training["export_seconds"] = round(time.time() - t_start, 1)
         training["export_timings_s"] = dict(timings)
+        intended_use = ((config or {}).get("output") or {}).get("card", {}).get("intended_use")
         manifest = Manifest(
             name=name,
             task=task,  # type: ignore[arg-type]
@@ -571,6 +591,7 @@ def export_bundle(
             demo=demo,
             synthetic_data=synthetic,
             int8_parity=int8_parity,
+            **({"intended_use": intended_use} if intended_use else {}),
         )
         manifest = Manifest.model_validate_json(manifest.model_dump_json())  # round-trip check
         (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")

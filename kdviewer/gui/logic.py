@@ -421,7 +421,8 @@ def demo_bundle_path() -> Path | None:
 
 def sample_case_path() -> Path | None:
     samples = resources_dir() / "samples"
-    for name in ("cxr_synthetic.dcm", "cxr_synthetic.png"):
+    # a real radiograph for the real default model first; the phantoms where it is not installed
+    for name in ("cxr_kermany_sample.jpeg", "cxr_synthetic.dcm", "cxr_synthetic.png"):
         if (samples / name).is_file():
             return samples / name
     return None

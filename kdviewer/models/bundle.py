@@ -44,8 +44,10 @@ MANIFEST_NAME = "manifest.json"
 MAX_MEMBER_BYTES = 2 * 1024**3
 #: Largest total extracted size of a zip.
 MAX_TOTAL_BYTES = 4 * 1024**3
-#: Where the demo bundle lives, relative to the project / package resources.
-DEMO_BUNDLE_NAME = "cxr_demo"
+#: The default model: trained on real paediatric chest radiographs (resources/models/kermany_cxr).
+DEFAULT_BUNDLE = ("models", "kermany_cxr")
+#: The synthetic demo bundle (resources/demo/cxr_demo): tests and phantoms only, labelled DEMO.
+DEMO_BUNDLE = ("demo", "cxr_demo")
 
 Role = Literal["student", "teacher"]
 
@@ -437,11 +439,43 @@ def open_bundle(path: str | Path) -> Bundle:
     return bundle
 
 
-def default_bundle_path() -> Path:
-    """The demo bundle shipped with kdviewer (resources/demo/cxr_demo, folder or .zip).
+def _resource_roots() -> list[Path]:
+    """resources/ candidates: a frozen app's data folder, the project checkout, package resources."""
+    roots: list[Path] = []
+    frozen = getattr(sys, "_MEIPASS", None)
+    if frozen:
+        roots.append(Path(frozen) / "resources")
+    pkg = Path(__file__).resolve().parents[1]  # .../kdviewer
+    roots += [pkg.parent / "resources", pkg / "resources"]
+    try:
+        from importlib.resources import files
 
-    Looks, in order, at $KDVIEWER_BUNDLE, a frozen app's data folder, the project checkout
-    (``<repo>/resources/demo``), and package resources (``kdviewer/resources/demo``).
+        roots.append(Path(str(files("kdviewer").joinpath("resources"))))
+    except (ModuleNotFoundError, TypeError, ValueError):
+        pass
+    return roots
+
+
+def _shipped_bundle(where: tuple[str, str]) -> Path | None:
+    folder, name = where
+    for root in _resource_roots():
+        for candidate in (root / folder / name, root / folder / (name + ".zip")):
+            if (candidate / MANIFEST_NAME).is_file() or (candidate.is_file() and candidate.suffix == ".zip"):
+                return candidate
+    return None
+
+
+def demo_bundle_path() -> Path | None:
+    """The synthetic demo bundle (resources/demo/cxr_demo), or None when it is not installed."""
+    return _shipped_bundle(DEMO_BUNDLE)
+
+
+def default_bundle_path() -> Path:
+    """The model used when none is given: $KDVIEWER_BUNDLE, else the shipped real-data model
+    (resources/models/kermany_cxr), else — in an install without it — the synthetic demo bundle.
+
+    Resources are looked up in a frozen app's data folder, the project checkout (``<repo>/resources``)
+    and package resources (``kdviewer/resources``).
     """
     env = os.environ.get("KDVIEWER_BUNDLE")
     if env:
@@ -449,25 +483,10 @@ def default_bundle_path() -> Path:
         if p.exists():
             return p
         raise BundleError(f"KDVIEWER_BUNDLE points to {p}, which does not exist")
-    candidates: list[Path] = []
-    frozen = getattr(sys, "_MEIPASS", None)
-    if frozen:
-        candidates.append(Path(frozen) / "resources" / "demo")
-    pkg = Path(__file__).resolve().parents[1]  # .../kdviewer
-    candidates += [pkg.parent / "resources" / "demo", pkg / "resources" / "demo"]
-    try:
-        from importlib.resources import files
-
-        res = files("kdviewer").joinpath("resources", "demo")
-        candidates.append(Path(str(res)))
-    except (ModuleNotFoundError, TypeError, ValueError):
-        pass
-    for base in candidates:
-        for name in (DEMO_BUNDLE_NAME, DEMO_BUNDLE_NAME + ".zip"):
-            p = base / name
-            if (p / MANIFEST_NAME).is_file() or (p.is_file() and p.suffix == ".zip"):
-                return p
-    raise BundleError(
-        "no model given and the demo bundle (resources/demo/cxr_demo) is not installed; "
-        "pass --model PATH to a bundle folder or .zip"
-    )
+    found = _shipped_bundle(DEFAULT_BUNDLE) or _shipped_bundle(DEMO_BUNDLE)
+    if found is None:
+        raise BundleError(
+            "no model given and no bundled model (resources/models/kermany_cxr) is installed; "
+            "pass --model PATH to a bundle folder or .zip"
+        )
+    return found
