@@ -562,17 +562,14 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
     from PIL import Image
 
     from kdviewer.imaging.windowing import display_frame
-    from kdviewer.inference.saliency import overlay, saliency
+    from kdviewer.inference.saliency import explain, overlay
 
     try:
         study = load_case(case)
-        frame = study.middle_index()
-        if pred.per_slice:
-            # the slice that drove the series aggregate
-            k = pred.label_index
-            frame = max(pred.per_slice, key=lambda s: s["probabilities"][k])["index"]
-        smap = saliency(clf, study, "gradcam", target_class=pred.label_index, frame=frame)
-        rgb = overlay(display_frame(study, frame), smap.heatmap)
+        smap = explain(clf, study, pred)  # on the slice that drove a series aggregate
+        if smap is None:
+            return ""
+        rgb = overlay(display_frame(study, smap.frame), smap.heatmap)
     except (KDViewerError, ValueError, RuntimeError) as exc:
         log.warning("no heatmap for %s: %s", case.path, exc)
         return ""
