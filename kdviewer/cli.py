@@ -3,6 +3,7 @@
     kdviewer [gui] [PATH ...] [--model BUNDLE]          open the viewer (the default subcommand)
     kdviewer classify FOLDER -o results.csv [...]        batch classification, resumable
     kdviewer predict FILE [--teacher] [--json]           one case (file or CT-series folder)
+      (both take --dicom-out DIR: a DICOM Structured Report + Secondary Capture per case)
     kdviewer render CASE -o out.png [--saliency M]       a case rendered to PNG (no window)
     kdviewer info PATH                                   an image/series summary, or a bundle's manifest
 
@@ -102,6 +103,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             bar.set_postfix(errors=p.errors, refresh=False)
 
     cancel = threading.Event()
+    exporter = _DicomExporter(Path(args.dicom_out)) if args.dicom_out else None
     try:
         summary = run_batch(
             folder,
@@ -116,13 +118,58 @@ def cmd_classify(args: argparse.Namespace) -> int:
             use_int8=args.int8,
             progress=progress,
             cancel=cancel,
+            on_result=exporter,
         )
     finally:
         if bar is not None:
             bar.close()
     for line in summary_lines(summary):
         print(line)
+    if exporter is not None:
+        print(exporter.summary())
     return EXIT_OK
+
+
+class _DicomExporter:
+    """``classify --dicom-out``: SR + SC per classified case (reloaded here for its pixels and headers)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.written = 0
+        self.failed: list[str] = []
+        self._model: Any = None
+
+    def __call__(self, clf: Any, case: Any, pred: Any, comp: Any) -> None:
+        from kdviewer.batch import load_case
+        from kdviewer.dicom_out import ModelIdentity, export_case
+
+        if self._model is None:
+            self._model = ModelIdentity.from_bundle(clf.bundle)
+        try:
+            study = load_case(case)
+            export_case(study, pred, self.out_dir, model=self._model, comparison=comp,
+                        saliency=_explain(clf, study, pred), files=list(case.files), case=case.path)
+            self.written += 1
+        except KDViewerError as exc:
+            self.failed.append(case.path)
+            log.warning("no DICOM result for %s: %s", case.path, _one_line(exc))
+
+    def summary(self) -> str:
+        text = f"DICOM: {self.written} Structured Report(s) + Secondary Capture(s) in {self.out_dir}"
+        if self.failed:
+            text += f"; {len(self.failed)} case(s) failed (see the warnings above)"
+        return text
+
+
+def _explain(clf: Any, study: Any, pred: Any) -> Any:
+    """Grad-CAM of the answer for the Secondary Capture; None (a capture without overlay) when it fails."""
+    from kdviewer.inference.saliency import explain
+
+    try:
+        return explain(clf, study, pred)
+    except (KDViewerError, ValueError, RuntimeError) as exc:
+        log.warning("no saliency overlay for the DICOM capture: %s", _one_line(exc))
+        return None
 
 
 def _load_case(path: Path) -> Any:
@@ -138,6 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     clf = Classifier(_bundle_arg(args.model), use_int8=args.int8, threads=args.threads,
                      load_teacher=args.teacher)
     frames: Any = None if args.frames == "auto" else args.frames
+    comp: Any = None
     if args.teacher:
         comp = clf.compare(study, frames)
         result: dict[str, Any] = comp.to_dict()
@@ -148,6 +196,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result["path"] = str(args.file)
     result["bundle"] = {"name": clf.manifest.name, "demo": clf.bundle.is_demo,
                         "synthetic_data": clf.bundle.is_synthetic}
+    if args.dicom_out:
+        from kdviewer.dicom_out import export_case
+
+        done = export_case(study, pred, Path(args.dicom_out), bundle=clf.bundle,
+                           comparison=comp,
+                           saliency=_explain(clf, study, pred), case=args.file)
+        result["dicom"] = {"sr": str(done.sr_path), "sc": str(done.sc_path), "study_uid": done.study_uid}
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -169,6 +224,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     calib = f"calibrated, T={pred.temperature:g}" if pred.calibrated else "uncalibrated"
     print(f"  {calib}; {pred.runtime}; {pred.timings.get('total_ms', 0.0):.1f} ms")
     print("  decision support only - not a diagnosis")
+    if args.dicom_out:
+        print(f"  DICOM: {result['dicom']['sr']} (SR), {result['dicom']['sc']} (SC)")
     return EXIT_OK
 
 
@@ -270,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoder processes (0 = decode in-process)")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="also write a DICOM Structured Report + Secondary Capture per case into DIR")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("predict", help="classify one image, DICOM file or CT-series folder")
@@ -279,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", choices=("auto", "all", "middle"), default="auto",
                    help="which frames: auto = every slice of a CT volume, else the middle one")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="also write a DICOM Structured Report + Secondary Capture of the result into DIR")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("render", help="render a case (with prediction and saliency) to a PNG")

@@ -84,7 +84,7 @@ def _secondary_capture(
         sc.BodyPartExamined = source.body_part
     if source.laterality in ("R", "L"):
         sc.Laterality = source.laterality
-    elif not source.body_part:  # General Series Laterality is Type 2C: empty = "actually unknown" (a picture file)
+    elif not source.body_part:  # General Series Laterality, Type 2C: empty = "actually unknown"
         sc.Laterality = ""
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = SERIES_DESCRIPTION
