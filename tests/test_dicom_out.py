@@ -273,3 +273,20 @@ def test_model_identity_hash_follows_the_files(bundle: Path, tmp_path: Path) -> 
         fh.write(b"\0")
     changed = ModelIdentity.from_bundle(open_bundle(copy))
     assert changed.bundle_sha256 != a.bundle_sha256 and changed.version.startswith("sha256:")
+
+
+def test_dicom_without_uids_gets_a_new_study(cases: dict[str, Path], bundle: Path, tmp_path: Path) -> None:
+    """A DICOM file stripped of its study/series UIDs cannot be linked: new study, empty patient, a note."""
+    ds = pydicom.dcmread(cases["dx"])
+    del ds.StudyInstanceUID, ds.SeriesInstanceUID
+    path = tmp_path / "stripped.dcm"
+    ds.save_as(path)
+    clf = Classifier(bundle, use_int8=False, threads=1)
+    study = load(path)
+    done = export_case(study, clf.predict(study), tmp_path / "out", bundle=clf.bundle, case=path)
+    sr, sc = pydicom.dcmread(done.sr_path), pydicom.dcmread(done.sc_path)
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID and str(sr.get("PatientID", "")) == ""
+    notes = tree_values(sr)["student"]["Note"]
+    why = "Unlinked DICOM source: the source lacks SeriesInstanceUID, StudyInstanceUID"
+    assert any(why in n for n in notes)
+    assert dciodvfy_errors(done.sr_path) == [] and dciodvfy_errors(done.sc_path) == []

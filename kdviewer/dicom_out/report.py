@@ -49,6 +49,10 @@ NON_DICOM_NOTE = (
     "Non-DICOM source: the result refers to an ordinary picture file, not to a DICOM instance. This is a new "
     "study; its patient module is empty because the source carried no patient or study identifiers."
 )
+UNLINKED_NOTE = (
+    "Unlinked DICOM source: {why}, so the result cannot be filed with it. This is a new study; its patient "
+    "module is left empty so that it cannot be filed under the wrong patient."
+)
 UNIT = hd.sr.CodedConcept("1", "UCUM", "no units")
 YES = hd.sr.CodedConcept(*codes.SCT.Yes[:3])
 NO = hd.sr.CodedConcept(*codes.SCT.No[:3])
@@ -189,7 +193,9 @@ def _group(
                                           "(see kdviewer.inference.predict)"))
         extra.append(_text(SOURCE, f"{source.description}: {source.file_name}" if source.file_name
                            else source.description))
-        if not source.is_dicom:
+        if source.unlinked:
+            extra.append(_text(NOTE, UNLINKED_NOTE.format(why=source.unlinked)))
+        elif not source.is_dicom:
             extra.append(_text(NOTE, NON_DICOM_NOTE))
         if pred.ood_flag and refused is None:
             extra.append(_text(NOTE, "No reliable answer: this image is unlike the model's training data "

@@ -54,6 +54,7 @@ class SourceInfo:
     patient_orientation: list[str] | None = None
     body_part: str = ""  # BodyPartExamined of the source (not an identifier)
     laterality: str = ""  # Laterality / ImageLaterality of the source
+    unlinked: str = ""  # why a DICOM source cannot be linked to (missing UIDs); then is_dicom is False
 
     @property
     def study_instance_uid(self) -> str | None:
@@ -89,6 +90,12 @@ def minimal_reference(ds: Dataset) -> Dataset:
         if kw in ds:
             ref.add(ds.data_element(kw))
     return ref
+
+
+def _sop_class(ds: Dataset) -> str:
+    uid = str(ds.get("SOPClassUID", "") or "").strip()
+    meta = getattr(ds, "file_meta", None)
+    return uid or str(getattr(meta, "MediaStorageSOPClassUID", "") or "").strip()
 
 
 def _wanted_uids(study: Study) -> list[str]:
@@ -157,16 +164,23 @@ def describe_source(
             "not be read again (moved or deleted?); open the case again and export from there"
         )
     frames = list(range(study.n_frames)) if frames is None else [int(i) for i in frames]
+    lacking = sorted({kw for ds in headers.values() for kw in ("StudyInstanceUID", "SeriesInstanceUID")
+                      if not str(ds.get(kw, "") or "").strip()}
+                     | {"SOPClassUID" for ds in headers.values() if not _sop_class(ds)})
+    if lacking:
+        modality = str(next(iter(headers.values())).get("Modality", "") or study.modality)
+        return SourceInfo(False, f"DICOM {modality} file that cannot be linked to", name, modality,
+                          unlinked=f"the source lacks {', '.join(lacking)}")
     images: list[SourceImage] = []
     if len(wanted) == 1:
         ds = headers[wanted[0]]
         n = int(ds.get("NumberOfFrames", 1) or 1)
         numbers = tuple(i + 1 for i in frames) if n > 1 else None
-        images.append(SourceImage(str(ds.SOPClassUID), wanted[0], str(ds.SeriesInstanceUID), numbers))
+        images.append(SourceImage(_sop_class(ds), wanted[0], str(ds.SeriesInstanceUID), numbers))
     else:
         for i in frames:
             ds = headers[wanted[i]]
-            images.append(SourceImage(str(ds.SOPClassUID), wanted[i], str(ds.SeriesInstanceUID)))
+            images.append(SourceImage(_sop_class(ds), wanted[i], str(ds.SeriesInstanceUID)))
     first = headers[images[0].sop_instance_uid]
     modality = str(first.get("Modality", "") or study.modality)
     if len(wanted) > 1:
@@ -174,8 +188,10 @@ def describe_source(
     else:
         description = f"DICOM {modality} image" + (f", {study.n_frames} frames" if study.n_frames > 1 else "")
     orientation: Any = first.get("PatientOrientation")
+    reference = minimal_reference(first)
+    reference.SOPClassUID = images[0].sop_class_uid
     return SourceInfo(
-        True, description, name, modality, minimal_reference(first), images,
+        True, description, name, modality, reference, images,
         [str(v) for v in orientation] if orientation else None,
         str(first.get("BodyPartExamined", "") or "").strip()[:16],
         str(first.get("Laterality", "") or first.get("ImageLaterality", "") or "").strip().upper(),
