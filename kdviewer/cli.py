@@ -103,7 +103,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             bar.set_postfix(errors=p.errors, refresh=False)
 
     cancel = threading.Event()
-    exporter = _DicomExporter(Path(args.dicom_out)) if args.dicom_out else None
+    exporter = _DicomExporter(Path(args.dicom_out), _send_target(args)) if args.dicom_out else None
     try:
         summary = run_batch(
             folder,
@@ -133,8 +133,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 class _DicomExporter:
     """``classify --dicom-out``: SR + SC per classified case (reloaded here for its pixels and headers)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, send: dict[str, Any] | None = None) -> None:
         self.out_dir = out_dir
+        self.send = send
+        self.sent = 0
         self.written = 0
         self.failed: list[str] = []
         self._model: Any = None
@@ -147,18 +149,35 @@ class _DicomExporter:
             self._model = ModelIdentity.from_bundle(clf.bundle)
         try:
             study = load_case(case)
-            export_case(study, pred, self.out_dir, model=self._model, comparison=comp,
-                        saliency=_explain(clf, study, pred), files=list(case.files), case=case.path)
+            done = export_case(study, pred, self.out_dir, model=self._model, comparison=comp,
+                               saliency=_explain(clf, study, pred), files=list(case.files), case=case.path)
             self.written += 1
+            if self.send is not None:
+                from kdviewer.dicom_out.send import send_files
+
+                self.sent += send_files([done.sr_path, done.sc_path], **self.send)
         except KDViewerError as exc:
             self.failed.append(case.path)
             log.warning("no DICOM result for %s: %s", case.path, _one_line(exc))
 
     def summary(self) -> str:
         text = f"DICOM: {self.written} Structured Report(s) + Secondary Capture(s) in {self.out_dir}"
+        if self.send is not None:
+            text += f"; {self.sent} object(s) stored on {self.send['called_aet']}@{self.send['host']}:" \
+                    f"{self.send['port']}"
         if self.failed:
             text += f"; {len(self.failed)} case(s) failed (see the warnings above)"
         return text
+
+
+def _send_target(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--send HOST:PORT --aet AET [--calling-aet AET]`` as `send_files` keywords (None without --send)."""
+    if not getattr(args, "send", None):
+        return None
+    from kdviewer.dicom_out.send import parse_address
+
+    host, port = parse_address(args.send)
+    return {"host": host, "port": port, "called_aet": args.aet, "calling_aet": args.calling_aet}
 
 
 def _explain(clf: Any, study: Any, pred: Any) -> Any:
@@ -203,6 +222,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            comparison=comp,
                            saliency=_explain(clf, study, pred), case=args.file)
         result["dicom"] = {"sr": str(done.sr_path), "sc": str(done.sc_path), "study_uid": done.study_uid}
+        target = _send_target(args)
+        if target is not None:
+            from kdviewer.dicom_out.send import send_files
+
+            result["dicom"]["stored"] = send_files([done.sr_path, done.sc_path], **target)
+            result["dicom"]["sent_to"] = f"{target['called_aet']}@{target['host']}:{target['port']}"
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -226,6 +251,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print("  decision support only - not a diagnosis")
     if args.dicom_out:
         print(f"  DICOM: {result['dicom']['sr']} (SR), {result['dicom']['sc']} (SC)")
+        if "sent_to" in result["dicom"]:
+            print(f"  stored {result['dicom']['stored']} object(s) on {result['dicom']['sent_to']}")
     return EXIT_OK
 
 
@@ -303,6 +330,14 @@ def _add_model(p: argparse.ArgumentParser, runtime: bool = True) -> None:
         p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
 
 
+def _add_send(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--send", metavar="HOST:PORT",
+                   help="C-STORE the --dicom-out objects to a PACS (DICOM node) at HOST:PORT")
+    p.add_argument("--aet", default="ANY-SCP",
+                   help="the PACS's (called) AE title for --send (default ANY-SCP)")
+    p.add_argument("--calling-aet", default="KDVIEWER", help="kdviewer's own AE title (default KDVIEWER)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdviewer",
@@ -329,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dicom-out", metavar="DIR",
                    help="also write a DICOM Structured Report + Secondary Capture per case into DIR")
+    _add_send(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("predict", help="classify one image, DICOM file or CT-series folder")
@@ -340,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--dicom-out", metavar="DIR",
                    help="also write a DICOM Structured Report + Secondary Capture of the result into DIR")
+    _add_send(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("render", help="render a case (with prediction and saliency) to a PNG")
@@ -385,6 +422,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "classify" and (args.workers < 0 or args.batch_size < 1):
         print("kdviewer: error: --workers must be >= 0 and --batch-size >= 1", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "send", None):
+        from kdviewer.dicom_out.send import parse_address
+
+        try:
+            parse_address(args.send)
+            if not args.dicom_out:
+                raise ValueError("--send needs --dicom-out DIR (the objects are written there, then sent)")
+        except ValueError as exc:
+            print(f"kdviewer: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `kdviewer info ... | head`: the reader went away; not an error

@@ -290,3 +290,73 @@ def test_dicom_without_uids_gets_a_new_study(cases: dict[str, Path], bundle: Pat
     why = "Unlinked DICOM source: the source lacks SeriesInstanceUID, StudyInstanceUID"
     assert any(why in n for n in notes)
     assert dciodvfy_errors(done.sr_path) == [] and dciodvfy_errors(done.sc_path) == []
+
+
+# ------------------------------------------------------------------------------------ C-STORE (--send)
+
+
+@pytest.fixture()
+def storage_scp() -> Any:
+    """A pynetdicom storage SCP on 127.0.0.1 (free port) that keeps what it receives."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+    received: list[Any] = []
+
+    def on_store(event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    ae = AE(ae_title="TESTPACS")
+    ae.add_supported_context(ComprehensiveSRStorage)
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    port = server.server_address[1]
+    yield {"port": port, "received": received}
+    server.shutdown()
+
+
+def test_send_stores_sr_and_sc_on_a_pacs(cases: dict[str, Path], bundle: Path, tmp_path: Path,
+                                         storage_scp: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    port = storage_scp["port"]
+    assert main(["predict", str(cases["dx"]), "--model", str(bundle), "--fp32", "--json", "--dicom-out",
+                 str(tmp_path), "--send", f"127.0.0.1:{port}", "--aet", "TESTPACS"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dicom"]["stored"] == 2 and result["dicom"]["sent_to"] == f"TESTPACS@127.0.0.1:{port}"
+    written = {pydicom.dcmread(result["dicom"][k]).SOPInstanceUID for k in ("sr", "sc")}
+    assert {ds.SOPInstanceUID for ds in storage_scp["received"]} == written
+    sr = next(ds for ds in storage_scp["received"] if ds.Modality == "SR")
+    assert read_result(sr)["label"] == result["label"]
+
+
+def test_send_errors_are_one_line(cases: dict[str, Path], bundle: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    assert main(["predict", str(cases["dx"]), "--send", "127.0.0.1:104"]) == 2  # no --dicom-out
+    assert "--send needs --dicom-out" in capsys.readouterr().err
+    assert main(["predict", str(cases["dx"]), "--dicom-out", str(tmp_path), "--send", "nohost"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    assert main(["predict", str(cases["dx"]), "--model", str(bundle), "--fp32", "--dicom-out", str(tmp_path),
+                 "--send", f"127.0.0.1:{dead}", "--aet", "TESTPACS"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not open a DICOM association with TESTPACS@127.0.0.1" in err[0]
+    ae = AE(ae_title="SCONLY")  # a node that stores images but not structured reports
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["predict", str(cases["dx"]), "--model", str(bundle), "--fp32", "--dicom-out",
+                     str(tmp_path), "--send", address, "--aet", "SCONLY"]) == 1
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not accept" in err[0] and ".SR.dcm" in err[0], err
