@@ -330,6 +330,16 @@ def test_send_stores_sr_and_sc_on_a_pacs(cases: dict[str, Path], bundle: Path, t
     sr = next(ds for ds in storage_scp["received"] if ds.Modality == "SR")
     assert read_result(sr)["label"] == result["label"]
 
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    shutil.copy(cases["png"], folder / "one.png")
+    shutil.copy(cases["dx"], folder / "two.dcm")
+    assert main(["classify", str(folder), "-o", str(tmp_path / "r.csv"), "--model", str(bundle), "--workers",
+                 "0", "--no-progress", "--dicom-out", str(tmp_path / "b"), "--send", f"127.0.0.1:{port}",
+                 "--aet", "TESTPACS"]) == 0
+    assert f"4 object(s) stored on TESTPACS@127.0.0.1:{port}" in capsys.readouterr().out
+    assert len(storage_scp["received"]) == 2 + 4
+
 
 def test_send_errors_are_one_line(cases: dict[str, Path], bundle: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
