@@ -533,6 +533,7 @@ class MainWindow(QMainWindow):
         self._bundle_loading = None
         old = self.classifier
         self.classifier = clf
+        self.result = None  # the old model's answer: never exported under the new model's identity
         self.bundle_path = path
         self._saliency_cache = {}
         runtime = getattr(clf.student, "name", "")
