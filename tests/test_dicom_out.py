@@ -370,3 +370,15 @@ def test_send_errors_are_one_line(cases: dict[str, Path], bundle: Path, tmp_path
         server.shutdown()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not accept" in err[0] and ".SR.dcm" in err[0], err
+
+
+def test_dicom_out_room_imports_no_torch_or_qt() -> None:
+    import sys
+
+    code = (
+        "import sys, kdviewer.dicom_out, kdviewer.dicom_out.send; "
+        "bad = [m for m in ('torch', 'PySide6', 'pytorch_grad_cam') if m in sys.modules]; "
+        "sys.exit(f'dicom_out imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
