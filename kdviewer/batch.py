@@ -346,12 +346,18 @@ def run_batch(
     progress: Callable[[BatchProgress], None] | None = None,
     cancel: threading.Event | None = None,
     cases: list[Case] | None = None,
+    on_result: Callable[[Any, Case, Any, Any], None] | None = None,
 ) -> BatchSummary:
     """Classify every case under ``folder``; see the module docstring. Raises only for run failures
     (`BatchError`, `BundleError`); unreadable files become rows with an ``error``.
 
     ``json_out``: a ``.jsonl`` path is appended row by row as the CSV is; any other name gets a JSON
     array of all rows (this run and earlier ones) written at the end.
+
+    ``on_result(classifier, case, prediction, comparison)`` is called for every classified case just
+    before its row is written (``kdviewer classify --dicom-out`` writes the DICOM objects there), so a
+    run killed in between redoes both on resume. It must handle its own errors; a `KDViewerError` that
+    escapes is logged and the row is still written.
     """
     from kdviewer.inference.predict import Classifier
 
@@ -410,6 +416,14 @@ def run_batch(
 
     by_path = {c.path: c for c in todo}
 
+    def result_hook(case: Case, pred: Any, comp: Any) -> None:
+        if on_result is None:
+            return
+        try:
+            on_result(clf, case, pred, comp)
+        except KDViewerError as exc:
+            log.warning("%s: %s", case.path, exc)
+
     def flush(buffer: list[dict[str, Any]]) -> None:
         if not buffer:
             return
@@ -434,6 +448,7 @@ def run_batch(
             row = _row(by_path[b["path"]], b, preds[i], comp, names, infer_ms=per_img * len(arrays[i]))
             if heat_dir is not None:
                 row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i])
+            result_hook(by_path[b["path"]], preds[i], comp)
             emit(row)
         stats["images"] += n_img
         buffer.clear()
@@ -562,17 +577,14 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
     from PIL import Image
 
     from kdviewer.imaging.windowing import display_frame
-    from kdviewer.inference.saliency import overlay, saliency
+    from kdviewer.inference.saliency import explain, overlay
 
     try:
         study = load_case(case)
-        frame = study.middle_index()
-        if pred.per_slice:
-            # the slice that drove the series aggregate
-            k = pred.label_index
-            frame = max(pred.per_slice, key=lambda s: s["probabilities"][k])["index"]
-        smap = saliency(clf, study, "gradcam", target_class=pred.label_index, frame=frame)
-        rgb = overlay(display_frame(study, frame), smap.heatmap)
+        smap = explain(clf, study, pred)  # on the slice that drove a series aggregate
+        if smap is None:
+            return ""
+        rgb = overlay(display_frame(study, smap.frame), smap.heatmap)
     except (KDViewerError, ValueError, RuntimeError) as exc:
         log.warning("no heatmap for %s: %s", case.path, exc)
         return ""

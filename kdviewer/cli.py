@@ -3,6 +3,7 @@
     kdviewer [gui] [PATH ...] [--model BUNDLE]          open the viewer (the default subcommand)
     kdviewer classify FOLDER -o results.csv [...]        batch classification, resumable
     kdviewer predict FILE [--teacher] [--json]           one case (file or CT-series folder)
+      (both take --dicom-out DIR: a DICOM Structured Report + Secondary Capture per case)
     kdviewer render CASE -o out.png [--saliency M]       a case rendered to PNG (no window)
     kdviewer info PATH                                   an image/series summary, or a bundle's manifest
 
@@ -103,6 +104,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             bar.set_postfix(errors=p.errors, refresh=False)
 
     cancel = threading.Event()
+    exporter = _DicomExporter(Path(args.dicom_out), _send_target(args)) if args.dicom_out else None
     try:
         summary = run_batch(
             folder,
@@ -117,13 +119,77 @@ def cmd_classify(args: argparse.Namespace) -> int:
             use_int8=args.int8,
             progress=progress,
             cancel=cancel,
+            on_result=exporter,
         )
     finally:
         if bar is not None:
             bar.close()
     for line in summary_lines(summary):
         print(line)
+    if exporter is not None:
+        print(exporter.summary())
     return EXIT_OK
+
+
+class _DicomExporter:
+    """``classify --dicom-out``: SR + SC per classified case (reloaded here for its pixels and headers)."""
+
+    def __init__(self, out_dir: Path, send: dict[str, Any] | None = None) -> None:
+        self.out_dir = out_dir
+        self.send = send
+        self.sent = 0
+        self.written = 0
+        self.failed: list[str] = []
+        self._model: Any = None
+
+    def __call__(self, clf: Any, case: Any, pred: Any, comp: Any) -> None:
+        from kdviewer.batch import load_case
+        from kdviewer.dicom_out import ModelIdentity, export_case
+
+        if self._model is None:
+            self._model = ModelIdentity.from_bundle(clf.bundle)
+        try:
+            study = load_case(case)
+            done = export_case(study, pred, self.out_dir, model=self._model, comparison=comp,
+                               saliency=_explain(clf, study, pred), files=list(case.files), case=case.path)
+            self.written += 1
+            if self.send is not None:
+                from kdviewer.dicom_out.send import send_files
+
+                self.sent += send_files([done.sr_path, done.sc_path], **self.send)
+        except KDViewerError as exc:
+            self.failed.append(case.path)
+            log.warning("no DICOM result for %s: %s", case.path, _one_line(exc))
+
+    def summary(self) -> str:
+        text = f"DICOM: {self.written} Structured Report(s) + Secondary Capture(s) in {self.out_dir}"
+        if self.send is not None:
+            text += f"; {self.sent} object(s) stored on {self.send['called_aet']}@{self.send['host']}:" \
+                    f"{self.send['port']}"
+        if self.failed:
+            text += f"; {len(self.failed)} case(s) failed (see the warnings above)"
+        return text
+
+
+def _send_target(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--send HOST:PORT --aet AET [--calling-aet AET]`` as `send_files` keywords (None without --send)."""
+    if not getattr(args, "send", None):
+        return None
+    from kdviewer.dicom_out.send import parse_address
+
+    host, port = parse_address(args.send)
+    return {"host": host, "port": port, "called_aet": args.aet, "calling_aet": args.calling_aet}
+
+
+def _explain(clf: Any, study: Any, pred: Any) -> Any:
+    """Grad-CAM of the answer for the Secondary Capture; None (a capture without overlay) when it fails."""
+    from kdviewer.inference.saliency import explain
+
+    try:
+        return explain(clf, study, pred)
+    except (KDViewerError, ValueError, RuntimeError) as exc:
+        log.warning("no saliency overlay for the DICOM capture: %s", _one_line(exc))
+        return None
 
 
 def _load_case(path: Path) -> Any:
@@ -139,6 +205,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     clf = Classifier(_bundle_arg(args.model), use_int8=args.int8, threads=args.threads,
                      load_teacher=args.teacher)
     frames: Any = None if args.frames == "auto" else args.frames
+    comp: Any = None
     if args.teacher:
         comp = clf.compare(study, frames)
         result: dict[str, Any] = comp.to_dict()
@@ -149,6 +216,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result["path"] = str(args.file)
     result["bundle"] = {"name": clf.manifest.name, "demo": clf.bundle.is_demo,
                         "synthetic_data": clf.bundle.is_synthetic}
+    if args.dicom_out:
+        from kdviewer.dicom_out import export_case
+
+        done = export_case(study, pred, Path(args.dicom_out), bundle=clf.bundle,
+                           comparison=comp,
+                           saliency=_explain(clf, study, pred), case=args.file)
+        result["dicom"] = {"sr": str(done.sr_path), "sc": str(done.sc_path), "study_uid": done.study_uid}
+        target = _send_target(args)
+        if target is not None:
+            from kdviewer.dicom_out.send import send_files
+
+            result["dicom"]["stored"] = send_files([done.sr_path, done.sc_path], **target)
+            result["dicom"]["sent_to"] = f"{target['called_aet']}@{target['host']}:{target['port']}"
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -170,6 +250,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     calib = f"calibrated, T={pred.temperature:g}" if pred.calibrated else "uncalibrated"
     print(f"  {calib}; {pred.runtime}; {pred.timings.get('total_ms', 0.0):.1f} ms")
     print("  decision support only - not a diagnosis")
+    if args.dicom_out:
+        print(f"  DICOM: {result['dicom']['sr']} (SR), {result['dicom']['sc']} (SC)")
+        if "sent_to" in result["dicom"]:
+            print(f"  stored {result['dicom']['stored']} object(s) on {result['dicom']['sent_to']}")
     return EXIT_OK
 
 
@@ -247,6 +331,14 @@ def _add_model(p: argparse.ArgumentParser, runtime: bool = True) -> None:
         p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
 
 
+def _add_send(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--send", metavar="HOST:PORT",
+                   help="C-STORE the --dicom-out objects to a PACS (DICOM node) at HOST:PORT")
+    p.add_argument("--aet", default="ANY-SCP",
+                   help="the PACS's (called) AE title for --send (default ANY-SCP)")
+    p.add_argument("--calling-aet", default="KDVIEWER", help="kdviewer's own AE title (default KDVIEWER)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdviewer",
@@ -271,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoder processes (0 = decode in-process)")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="also write a DICOM Structured Report + Secondary Capture per case into DIR")
+    _add_send(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("predict", help="classify one image, DICOM file or CT-series folder")
@@ -280,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", choices=("auto", "all", "middle"), default="auto",
                    help="which frames: auto = every slice of a CT volume, else the middle one")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="also write a DICOM Structured Report + Secondary Capture of the result into DIR")
+    _add_send(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("render", help="render a case (with prediction and saliency) to a PNG")
@@ -325,6 +423,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "classify" and (args.workers < 0 or args.batch_size < 1):
         print("kdviewer: error: --workers must be >= 0 and --batch-size >= 1", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "send", None):
+        from kdviewer.dicom_out.send import parse_address
+
+        try:
+            parse_address(args.send)
+            if not args.dicom_out:
+                raise ValueError("--send needs --dicom-out DIR (the objects are written there, then sent)")
+        except ValueError as exc:
+            print(f"kdviewer: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `kdviewer info ... | head`: the reader went away; not an error

@@ -49,3 +49,7 @@ class WeightsUnavailableError(KDViewerError):
 
 class InferenceError(KDViewerError):
     """A model could not be run on an input."""
+
+
+class DicomExportError(KDViewerError):
+    """A result could not be written as DICOM (source no longer readable, output not writable, ...)."""

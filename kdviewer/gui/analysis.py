@@ -185,6 +185,28 @@ def analyse(classifier: Any, study: Study, compare: bool, token: Token = NO_TOKE
     return AnalysisResult(pred, None, time.perf_counter() - t0)
 
 
+def export_dicom(
+    classifier: Any, study: Study, result: AnalysisResult, out_dir: Path, case: Path | None,
+    token: Token = NO_TOKEN,
+) -> Any:
+    """The shown result as a DICOM SR + SC (`kdviewer.dicom_out.export_case`), with the Grad-CAM of the
+    answer on the capture — the same call ``kdviewer predict --dicom-out`` makes."""
+    from kdviewer.dicom_out import export_case
+    from kdviewer.errors import KDViewerError
+    from kdviewer.inference.saliency import explain
+
+    configure_threads(classifier.threads)
+    token.check()
+    try:
+        with model_lock(classifier, "student"):
+            smap = explain(classifier, study, result.prediction)
+    except (ValueError, RuntimeError, KDViewerError):  # as the CLI: a capture without overlay
+        smap = None
+    token.check()
+    return export_case(study, result.prediction, out_dir, bundle=classifier.bundle,
+                       comparison=result.comparison, saliency=smap, case=case or study.source)
+
+
 @dataclass
 class SaliencyResult:
     frame: int

@@ -436,6 +436,7 @@ SHORTCUTS: list[tuple[str, str, str]] = [
     # (action id, key sequence, description)
     ("open_file", "Ctrl+O", "Open an image file (PNG, JPEG, DICOM)"),
     ("open_folder", "Ctrl+Shift+O", "Open a folder (CT series or a list of cases)"),
+    ("export_dicom", "Ctrl+E", "Export the result as DICOM (Structured Report + Secondary Capture)"),
     ("load_bundle", "Ctrl+M", "Load a model bundle"),
     ("model_card", "Ctrl+I", "Show the model card"),
     ("next_case", "N", "Next case in the list"),

@@ -70,6 +70,7 @@ class MainWindow(QMainWindow):
     saliency_shown = Signal(object)  # SaliencyResult, after the canvas got the maps
     bundle_loaded = Signal(object)  # Classifier
     error_shown = Signal(str)
+    dicom_exported = Signal(object)  # kdviewer.dicom_out.ExportedCase
 
     def __init__(
         self, settings: QSettings | None = None, restore: bool = True, extra_tabs: bool = True
@@ -236,6 +237,8 @@ class MainWindow(QMainWindow):
         m_file.addAction(a("open_folder", "Open &folder…", self.open_folder_dialog))
         self.recent_files_menu = QMenu("Recent cases", self)
         m_file.addMenu(self.recent_files_menu)
+        m_file.addSeparator()
+        m_file.addAction(a("export_dicom", "&Export result as DICOM…", self.export_dicom_dialog))
         m_file.addSeparator()
         m_file.addAction(a("quit", "&Quit", self.close))
 
@@ -530,6 +533,7 @@ class MainWindow(QMainWindow):
         self._bundle_loading = None
         old = self.classifier
         self.classifier = clf
+        self.result = None  # the old model's answer: never exported under the new model's identity
         self.bundle_path = path
         self._saliency_cache = {}
         runtime = getattr(clf.student, "name", "")
@@ -753,6 +757,46 @@ class MainWindow(QMainWindow):
         if path:
             self.settings.setValue("dialogs/open_dir", path)
             self.open_path(path)
+
+    def export_dicom_dialog(self) -> None:
+        if self._export_blocked():
+            return
+        path = QFileDialog.getExistingDirectory(
+            self, "Export result as DICOM (Structured Report + Secondary Capture) into…",
+            self._start_dir("dialogs/dicom_dir"),
+        )
+        if path:
+            self.settings.setValue("dialogs/dicom_dir", path)
+            self.export_dicom(path)
+
+    def _export_blocked(self) -> bool:
+        if self.study is None or self.classifier is None or self.result is None:
+            self.show_message("Open a case and wait for the model's answer before exporting it as DICOM.",
+                              "warning")
+            return True
+        return False
+
+    def export_dicom(self, out_dir: str | os.PathLike) -> None:
+        """Write the current result as a DICOM SR + SC into ``out_dir`` (in a worker; the same objects as
+        ``kdviewer predict CASE --dicom-out DIR``)."""
+        if self._export_blocked():
+            return
+        clf, study, result, case = self.classifier, self.study, self.result, self.study_path
+        self.runner.submit(
+            "dicom_export",
+            lambda t: analysis.export_dicom(clf, study, result, Path(out_dir), case, t),
+            self._on_dicom_exported,
+            lambda e: self.show_message(f"DICOM export failed: {e.message}", "error", e.details),
+            pool="saliency",
+            description="exporting DICOM",
+        )
+
+    def _on_dicom_exported(self, done: Any) -> None:
+        self.show_message(
+            f"Exported as DICOM: {done.sr_path.name} (Structured Report) and {done.sc_path.name} "
+            f"(Secondary Capture) in {done.sr_path.parent}", "info",
+        )
+        self.dicom_exported.emit(done)
 
     def load_bundle_dialog(self) -> None:
         dlg = QFileDialog(

@@ -84,6 +84,28 @@ class SaliencyMap:
         }
 
 
+def answer_frame(study: Study, prediction: Any) -> int:
+    """The frame an answer rests on: for a series, the slice with the highest probability of the
+    predicted class (the one that drove the aggregate); else the frame that was read (the middle one)."""
+    frames = list(getattr(prediction, "frames", []) or [])
+    slices = getattr(prediction, "per_slice", None)
+    k = int(getattr(prediction, "label_index", -1))
+    if slices and k >= 0 and getattr(prediction, "refused", None) is None:
+        return int(max(slices, key=lambda s: s["probabilities"][k])["index"])
+    if len(frames) == 1:
+        return int(frames[0])
+    return study.middle_index()
+
+
+def explain(classifier: Any, study: Study, prediction: Any, method: str = "gradcam") -> SaliencyMap | None:
+    """The saliency map of a prediction's class on `answer_frame` (None when the modality gate refused
+    the study: the model never saw it). Used for heatmap files and the DICOM Secondary Capture."""
+    if getattr(prediction, "refused", None) is not None or int(getattr(prediction, "label_index", -1)) < 0:
+        return None
+    return saliency(classifier, study, method, target_class=int(prediction.label_index),
+                    role=getattr(prediction, "role", "student"), frame=answer_frame(study, prediction))
+
+
 def _normalize_method(method: str) -> str:
     m = method.lower().replace("-", "").replace("_", "").replace(" ", "")
     m = {"gradcamplusplus": "gradcam++", "gradcampp": "gradcam++"}.get(m, m)
