@@ -42,7 +42,14 @@ from kdviewer.errors import (
     UnsupportedImageError,
 )
 from kdviewer.imaging._arrays import replace_non_finite, rgb_to_gray
-from kdviewer.imaging.formats import MAX_PIXELS, MAX_TOTAL_PIXELS, sniff
+from kdviewer.imaging.formats import (
+    MAX_PIXELS,
+    MAX_TOTAL_PIXELS,
+    check_decode_bytes,
+    check_geometry,
+    decode_bytes,
+    sniff,
+)
 from kdviewer.imaging.metadata import dicom_uids, split_metadata, uid_name
 from kdviewer.imaging.study import CT_PRESETS, Study, VoiLut, Window
 from kdviewer.imaging.windowing import auto_window, full_range_window
@@ -183,6 +190,18 @@ def check_pixel_data(ds: Dataset, path: Path) -> tuple[int, int, int]:
             f"Mpixel), above the {MAX_TOTAL_PIXELS / 1e6:.0f} Mpixel safety cap for one study",
             path,
         )
+    check_geometry(rows, cols, "the DICOM image", path)
+    samples = max(1, min(_int(ds, "SamplesPerPixel", 1) or 1, 4))
+    bits = _int(ds, "BitsAllocated", 16) or 16
+    per_sample = 8 if bits > 32 else max(1, (bits + 7) // 8)
+    if bits == 1:
+        per_sample = 1
+    try:
+        encoded = path.stat().st_size if isinstance(path, Path) else 0
+    except OSError:
+        encoded = 0
+    what = f"the DICOM image ({frames} x {rows} x {cols}, {samples} sample(s) of {bits} bits)"
+    check_decode_bytes(decode_bytes(rows * cols * frames, samples, per_sample, encoded), what, path)
     return frames, rows, cols
 
 
@@ -240,6 +259,14 @@ def _check_decoder(ts: UID, path: Path) -> None:
 _SHORT_RE = re.compile(r"\((\d+) vs (\d+) bytes\)")
 
 
+def is_decoder_panic(exc: BaseException) -> bool:
+    """True for a panic of a Rust decoder plugin (pyo3's ``PanicException``, e.g. pylibjpeg-rle on
+    an RLE frame whose header lies about its size). It derives from BaseException, so ``except
+    Exception`` misses it; KeyboardInterrupt, SystemExit and GeneratorExit are never panics."""
+    kind = type(exc)
+    return any(k.__name__ == "PanicException" and k.__module__.startswith("pyo3") for k in kind.__mro__)
+
+
 def _decode(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
     try:
         return ds.pixel_array
@@ -259,6 +286,16 @@ def _decode(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
             f"installed decoders do not support ({type(exc).__name__}: {text})",
             path,
         ) from exc
+    except BaseException as exc:
+        if not is_decoder_panic(exc):  # KeyboardInterrupt, SystemExit...: not ours to swallow
+            raise
+        # `from None`: the panic object must not travel with the error (it cannot be pickled back
+        # from a decoder process)
+        raise CorruptImageError(
+            f"the pixel data ({ts.name or ts}) could not be decoded: the decoder failed on data that "
+            f"does not match the header (Rows/Columns/frames); the file is damaged (decoder panic: {exc})",
+            path,
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,14 @@ from kdviewer.imaging.dicom import (
     read_dataset,
     slice_normal,
 )
-from kdviewer.imaging.formats import MAX_PIXELS, MAX_TOTAL_PIXELS, sniff
+from kdviewer.imaging.formats import (
+    MAX_PIXELS,
+    MAX_TOTAL_PIXELS,
+    check_decode_bytes,
+    check_geometry,
+    decode_bytes,
+    sniff,
+)
 from kdviewer.imaging.metadata import dicom_uids, split_metadata
 from kdviewer.imaging.study import Study
 
@@ -239,13 +246,21 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
             f"{MAX_TOTAL_PIXELS / 1e6:.0f} Mpixel safety cap for one volume",
             root,
         )
+    check_geometry(rows, cols, "each slice", root)
+    # the volume is filled slice by slice (one float32 copy), plus one slice being decoded
+    check_decode_bytes(
+        decode_bytes(n * rows * cols, frames_only=True) + decode_bytes(rows * cols, 1, 2),
+        f"the series ({n} slices of {rows} x {cols})",
+        root,
+    )
     order, positions = _order(headers, notes)
 
     slice_notes: list[str] = []
-    frames: list[np.ndarray] = []
+    volume = np.empty((n, rows, cols), np.float32)
+    kept = 0
     kept_positions: list[float] = []
     datasets: list[Dataset] = []
-    failed: list[str] = []
+    failed: list[tuple[str, str]] = []
     for rank, index in enumerate(order):
         path = info.paths[index]
         try:
@@ -253,24 +268,34 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
             frame = decode_frames(ds, path, slice_notes)
         except ImageError as exc:
             log.warning("slice %s left out: %s", path, exc)
-            failed.append(path.name)
+            reason = str(exc).removeprefix(f"{path}: ")
+            failed.append((str(path), reason))
             continue
-        if frame.shape[1:] != (rows, cols):
-            failed.append(path.name)
+        if frame.shape != (1, rows, cols):
+            failed.append((str(path), f"decoded to {frame.shape[-2]} x {frame.shape[-1]} pixels "
+                                      f"({frame.shape[0]} frame(s)), not one {rows} x {cols} slice"))
             continue
-        frames.append(frame[0])
+        volume[kept] = frame[0]
+        kept += 1
+        del frame
+        for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):  # only the header is kept
+            if kw in ds:
+                delattr(ds, kw)
         datasets.append(ds)
         if positions is not None:
             kept_positions.append(positions[rank])
-    if not frames:
+    if not kept:
         raise SeriesError(f"none of the {n} slices of the series could be decoded", root)
     if failed:
-        shown = ", ".join(failed[:5]) + (" ..." if len(failed) > 5 else "")
-        notes.append(f"{len(failed)} of {n} slices could not be decoded and are left out: {shown}")
+        shown = ", ".join(Path(p).name for p, _ in failed[:5]) + (" ..." if len(failed) > 5 else "")
+        notes.append(
+            f"{len(failed)} of {n} slices could not be decoded and are left out: {shown}; a finding on "
+            "those slices cannot be seen"
+        )
     for note in dict.fromkeys(slice_notes):
         notes.append(note)
 
-    volume = np.stack(frames)
+    volume = volume[:kept]
     mid = datasets[len(datasets) // 2]
     modality = _text(mid, "Modality").upper() or info.modality
     photometric = _text(mid, "PhotometricInterpretation").upper() or "MONOCHROME2"
@@ -323,4 +348,6 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
         uids=uids,
         slice_positions=slice_positions,
         voi_lut=voi_lut,
+        dropped=failed,
+        n_found=n,
     )
