@@ -68,10 +68,17 @@ class SeriesInfo:
     paths: tuple[Path, ...]
     rows: int | None = None
     columns: int | None = None
+    number: str = ""
 
     @property
     def n_files(self) -> int:
         return len(self.paths)
+
+    @property
+    def label(self) -> str:
+        """How messages name the series: modality and SeriesNumber, never the free-text description
+        (it can hold patient identifiers, so it is shown only with the PHI)."""
+        return f"{self.modality} series {self.number}".strip() if self.number else f"{self.modality} series"
 
 
 @dataclass
@@ -142,6 +149,7 @@ def _scan(paths: list[Path]) -> _Scan:
                 paths=tuple(sorted(p for p, _ in members)),
                 rows=_int_or_none(first, "Rows"),
                 columns=_int_or_none(first, "Columns"),
+                number=_text(first, "SeriesNumber"),
             )
         )
     infos.sort(key=lambda s: (-s.n_files, s.series_uid))
@@ -212,10 +220,10 @@ def load_series(source: Source) -> Study:
         notes.append(f"skipped {', '.join(skipped)}")
     chosen = scan.series[0]
     if len(scan.series) > 1:
-        others = "; ".join(f"{s.description or s.modality} ({s.n_files})" for s in scan.series[1:6])
+        others = "; ".join(f"{s.label} ({s.n_files})" for s in scan.series[1:6])
         notes.append(
             f"{len(scan.series)} series found; showing the largest: "
-            f"{chosen.description or chosen.modality} ({chosen.n_files} images). Others: {others}"
+            f"{chosen.label} ({chosen.n_files} images). Others: {others}"
         )
     if chosen.n_files == 1:
         study = load_dicom(chosen.paths[0])
@@ -229,7 +237,7 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
     if len(sizes) > 1:
         listed = ", ".join(f"{r}x{c}" for r, c in sorted(sizes, key=str))
         raise SeriesError(
-            f"series {info.description or info.series_uid} mixes slice sizes ({listed}); "
+            f"{info.label} mixes slice sizes ({listed}); "
             "it cannot be stacked into one volume — open a single slice instead",
             root,
         )

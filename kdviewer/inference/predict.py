@@ -26,6 +26,7 @@ flag when labels differ or TV > ``manifest.disagreement_threshold``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,16 @@ CHUNK = 32
 #: "auto" deploys INT8 when the exporter recommended it (``int8_parity["recommended"] == 1``), or, for
 #: bundles without that flag, when its recorded top-1 agreement with fp32 is at least this.
 INT8_MIN_AGREEMENT = 0.98
+
+
+def cap_to_cores(n: int, what: str) -> int:
+    """``n`` capped at the machine's cores, with a warning: more decoder processes or inference threads
+    than cores only cost memory (``--workers 32`` on 2 cores started 32 decoders, 2.1 GB)."""
+    cores = os.cpu_count() or 1
+    if n > cores:
+        log.warning("%d %s requested but this machine has %d cores; using %d", n, what, cores, cores)
+        return cores
+    return n
 
 
 # ------------------------------------------------------------------------------------------- maths
@@ -173,7 +184,7 @@ class Classifier:
         self.multi_label = self.manifest.task == "multi-label"
         self.temperature = float(self.manifest.calibration.temperature)
         self.calibrated = self.temperature != 1.0 or self.manifest.calibration.ece_after is not None
-        self.threads = threads
+        self.threads = cap_to_cores(max(1, int(threads)), "inference threads (--threads)")
         self.device = device
         self._torch_models: dict[str, Any] = {}
         self._teacher_rt: Runtime | None = None
