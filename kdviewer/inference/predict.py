@@ -223,7 +223,16 @@ class Classifier:
             stats = load_ood_stats(self.bundle.path(spec.stats))
         except (ValueError, OSError) as exc:
             raise BundleError(f"{self.bundle.source}: OOD statistics {spec.stats} unreadable: {exc}") from exc
-        return OodGuard(stats, float(spec.threshold))
+        guard = OodGuard(stats, float(spec.threshold))
+        # statistics fitted for another feature size would leave the guard silently off: refuse them
+        _, feats = self.student.predict(np.zeros((1, *self.input_shape), np.float32))
+        if feats.ndim != 2 or feats.shape[1] != guard.dim:
+            raise BundleError(
+                f"{self.bundle.source}: ood.stats {spec.stats} describes {guard.dim} features but the "
+                f"student gives {feats.shape[-1] if feats.ndim else 0}; the OOD statistics belong to "
+                "another model (re-export the bundle)"
+            )
+        return guard
 
     def torch_model(self, role: Literal["student", "teacher"] = "student") -> Any:
         """The torch network of ``role`` (built once from the bundle's state dict; for saliency)."""
@@ -266,8 +275,11 @@ class Classifier:
         spec = self.manifest.ood
         if spec is not None and spec.method == "energy":
             return energy_scores(logits)
-        if self.ood is None or feats.shape[1] != self.ood.dim:
+        if self.ood is None:
             return None
+        if feats.shape[1] != self.ood.dim:
+            raise InferenceError(f"the model gave {feats.shape[1]} features but the OOD guard expects "
+                                 f"{self.ood.dim}")
         return self.ood.score(feats)
 
     def _label(self, probs: np.ndarray) -> tuple[str, int, list[str]]:
