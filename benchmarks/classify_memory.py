@@ -7,7 +7,10 @@ samples every 50 ms the resident memory (RSS) of the classify process *and all i
 (decoders, resource tracker) from /proc. Prints the peak of that sum, the single largest process, and
 the ratio of the peak to the 2.5 GB bound; exits 1 above the bound.
 
-    python benchmarks/classify_memory.py [--n 3] [--model BUNDLE] [--workers 2] [--keep DIR]
+    python benchmarks/classify_memory.py [--n 3] [--model BUNDLE] [--workers 2] [--keep DIR] [--code DIR]
+
+``--code`` runs another checkout's classify on the same files (e.g. the commit before issue 17: its
+pixel caps let these files decode with every float copy, for the before/after ratio).
 
 Linux only (reads /proc).
 """
@@ -97,6 +100,8 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="bundle (default: the demo bundle)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", default=None, help="write the images into this folder and keep them")
+    ap.add_argument("--code", default=str(ROOT),
+                    help="checkout whose kdviewer runs the classify (e.g. an older one, to compare)")
     args = ap.parse_args()
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="kdviewer-mem-"))
@@ -122,9 +127,10 @@ def main() -> int:
            "--workers", str(args.workers)]
     if args.model:
         cmd += ["--model", args.model]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": args.code}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=args.code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     peak_sum, peak_one, peak_procs = 0, 0, 0
     while proc.poll() is None:
         pids = _tree(proc.pid)

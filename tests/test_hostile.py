@@ -419,12 +419,12 @@ BAD_MANIFEST_VALUES = [
     ("calibration.temperature", INF, "temperature"),
     ("calibration.temperature", 1e-320, "temperature"),
     ("ood.threshold", NAN, "threshold"),
-    ("class_names", ["normal", "normal"], "class_names"),
+    ("class_names", ["normal", "normal"], "unique"),
     ("class_names", ["normal", "\x1b[31mnodule"], "control"),
     ("name", ANSI, "control"),
-    ("preprocessing.input_size", 60000, "input_size"),
-    ("preprocessing.input_size", 10**30, "input_size"),
-    ("preprocessing.input_size", -5, "input_size"),
+    ("preprocessing.input_size", 60000, "input_size 60000 is outside"),
+    ("preprocessing.input_size", 10**30, "is outside"),
+    ("preprocessing.input_size", -5, "input_size -5 is outside"),
     ("preprocessing.intensity", "window", "window"),  # with window_width NaN below
     ("disagreement_threshold", NAN, "disagreement_threshold"),
     ("preprocessing.normalization.std", [0.0], "std"),
@@ -442,6 +442,8 @@ def test_bad_manifest_numbers_are_a_bundle_error_naming_the_field(
     shutil.copytree(bundle, d)
     m = json.loads((d / "manifest.json").read_text())
     _set(m, field, value)
+    if field == "preprocessing.input_size":  # resize follows, so only the size itself is wrong
+        _set(m, "preprocessing.resize", value)
     if field == "preprocessing.intensity":
         _set(m, "preprocessing.window_center", 0.0)
         _set(m, "preprocessing.window_width", NAN)
