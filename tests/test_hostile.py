@@ -184,7 +184,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "kdviewer.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=full_env, timeout=timeout)
 
@@ -287,7 +287,10 @@ def test_rle_panic_reproduces_in_the_decoder_and_becomes_a_typed_error(tmp_path:
     for cmd in (("info", str(bad)), ("predict", str(bad))):
         proc = _cli(*cmd)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].startswith("kdviewer: error:")
+        # nor the Rust panic message / native backtrace the plugin prints straight to fd 2
+        assert "panicked at" not in proc.stderr and "stack backtrace" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+        assert proc.stderr.startswith("kdviewer: error:")
 
 
 def test_panic_in_a_decoder_process_is_that_rows_error(bundle: Path, tmp_path: Path) -> None:

@@ -10,10 +10,14 @@ decoded. Every failure leaves as one of the typed errors of `kdviewer.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +271,56 @@ def is_decoder_panic(exc: BaseException) -> bool:
     return any(k.__name__ == "PanicException" and k.__module__.startswith("pyo3") for k in kind.__mro__)
 
 
+@contextlib.contextmanager
+def _native_stderr_captured(active: bool) -> Iterator[list[bytes]]:
+    """While active, file descriptor 2 goes to a temporary file: a Rust decoder that panics prints its
+    panic message (and, with RUST_BACKTRACE set, a native backtrace) straight to fd 2 before Python sees
+    the exception. The caller decides afterwards: dropped (logged at debug) on a panic, written back
+    to the real stderr otherwise. Yields a list that receives the captured bytes."""
+    captured: list[bytes] = []
+    if not active:
+        yield captured
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield captured
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read(65536))
+
+
 def _decode(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
+    # only the RLE plugin is Rust (pylibjpeg-rle); the JPEG plugins are C/C++ and raise normally
+    error: BaseException | None = None
+    arr: np.ndarray | None = None
+    with _native_stderr_captured(ts in RLETransferSyntaxes) as captured:
+        try:
+            arr = _decode_pixels(ds, ts, path)
+        except BaseException as exc:  # re-raised below, once stderr is restored
+            error = exc
+    text = captured[0] if captured else b""
+    if text:
+        if isinstance(error, CorruptImageError) and "decoder panic" in str(error):
+            log.debug("decoder output for %s: %s", path, text[:4000].decode("utf-8", "replace"))
+        else:
+            with contextlib.suppress(OSError):
+                os.write(2, text)
+    if error is not None:
+        raise error
+    assert arr is not None
+    return arr
+
+
+def _decode_pixels(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
     try:
         return ds.pixel_array
     except MemoryError as exc:
@@ -289,6 +342,7 @@ def _decode(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
     except BaseException as exc:
         if not is_decoder_panic(exc):  # KeyboardInterrupt, SystemExit...: not ours to swallow
             raise
+        log.debug("decoder panic on %s: %s", path, exc)
         # `from None`: the panic object must not travel with the error (it cannot be pickled back
         # from a decoder process)
         raise CorruptImageError(
