@@ -203,7 +203,11 @@ def _decode_case(case: Case, pre_json: str) -> dict[str, Any]:
     try:
         study = load_case(case)
         idx = list(range(study.n_frames)) if study.is_volume else [study.middle_index()]
-        out["array"] = np.stack([preprocess_frame(study.frames[i], pre, study) for i in idx])
+        # filled in place: a list of slices plus np.stack would hold the model input twice
+        array = np.empty((len(idx), pre.channels, pre.input_size, pre.input_size), np.float32)
+        for j, i in enumerate(idx):
+            array[j] = preprocess_frame(study.frames[i], pre, study)
+        out["array"] = array
         out["uids"] = dict(study.uids)
         out["n_frames"] = len(idx)
         out["modality"] = study.modality
@@ -577,7 +581,8 @@ def run_batch(
             comp = comps[i] if comps is not None else None
             row = _row(by_path[b["path"]], b, preds[i], comp, names, infer_ms=per_img * len(arrays[i]))
             if heat_dir is not None:
-                row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i])
+                row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i],
+                                                anonymous=deidentify)
             emit_dropped(b)
             emit(row)
         stats["images"] += n_img
@@ -714,8 +719,10 @@ def _row(
     return row
 
 
-def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
-    """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible."""
+def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any, anonymous: bool = False) -> str:
+    """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible.
+
+    ``anonymous`` (``--deidentify``): the file is named by a hash only, never by the case's file name."""
     from PIL import Image
 
     from kdviewer.imaging.windowing import display_frame
@@ -731,7 +738,7 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
         smap = saliency(clf, study, "gradcam", target_class=pred.label_index, frame=frame)
         rgb = overlay(display_frame(study, frame), smap.heatmap)
         del study, smap
-        stem = Path(case.path.split("#", 1)[0]).name or "case"
+        stem = "case" if anonymous else (Path(case.path.split("#", 1)[0]).name or "case")
         tag = hashlib.sha1(case.path.encode("utf-8")).hexdigest()[:8]
         out = heat_dir / f"{stem}.{tag}.png"
         Image.fromarray(rgb).save(out)

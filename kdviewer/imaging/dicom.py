@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,9 @@ def is_decoder_panic(exc: BaseException) -> bool:
     return any(k.__name__ == "PanicException" and k.__module__.startswith("pyo3") for k in kind.__mro__)
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _native_stderr_captured(active: bool) -> Iterator[list[bytes]]:
     """While active, file descriptor 2 goes to a temporary file: a Rust decoder that panics prints its
@@ -281,21 +285,23 @@ def _native_stderr_captured(active: bool) -> Iterator[list[bytes]]:
     if not active:
         yield captured
         return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        yield captured
-        return
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
+    # fd 2 is process-wide: two threads redirecting at once would restore each other's temp files
+    with _STDERR_LOCK:
         try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
             yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.append(tmp.read(65536))
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                captured.append(tmp.read(65536))
 
 
 def _decode(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
