@@ -739,3 +739,45 @@ def test_errors_carry_their_type(corpus: tuple[Path, dict[str, Path]]) -> None:
     for p in sorted((root / "fuzz").iterdir()):
         with contextlib.suppress(ImageError):
             load(p)
+
+
+# --------------------------------------------------------------- what held, and must keep holding
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/hostname"])
+def test_onnx_external_data_outside_the_bundle_is_refused(tmp_path: Path, location: str) -> None:
+    """An ONNX model whose weights are 'external data' at a path outside its folder does not load (a
+    bundle must never read a file outside itself), and the refusal is a typed error."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kdviewer.models.runtime import OrtRuntime
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(4, np.float32).tobytes())
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    shutil.copy(secret, bundle_dir / "w.bin")
+
+    def model_with_weights_at(where: str, name: str) -> Path:
+        weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
+        weight.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", where), ("offset", "0"), ("length", "16")):
+            entry = weight.external_data.add()
+            entry.key, entry.value = k, v
+        graph = helper.make_graph(
+            [helper.make_node("Add", ["input", "w"], ["logits"])], "g",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 1, 4])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 1, 4])],
+            initializer=[weight],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        (bundle_dir / name).write_bytes(model.SerializeToString())
+        assert onnx.load(str(bundle_dir / name), load_external_data=False)
+        return bundle_dir / name
+
+    # control: the same model with its weights inside the bundle loads and runs
+    inside = OrtRuntime(model_with_weights_at("w.bin", "ok.onnx"), warmup=False)
+    assert inside.predict(np.zeros((1, 1, 1, 4), np.float32))[0].ravel().tolist() == [1.0] * 4
+    with pytest.raises(BundleError, match="cannot load"):
+        OrtRuntime(model_with_weights_at(location, "student.onnx"), warmup=False)
