@@ -781,3 +781,34 @@ def test_onnx_external_data_outside_the_bundle_is_refused(tmp_path: Path, locati
     assert inside.predict(np.zeros((1, 1, 1, 4), np.float32))[0].ravel().tolist() == [1.0] * 4
     with pytest.raises(BundleError, match="cannot load"):
         OrtRuntime(model_with_weights_at(location, "student.onnx"), warmup=False)
+
+
+@pytest.mark.parametrize("case", ["temperature_nan", "ood_lying_header"])
+def test_hostile_bundles_through_every_command(bundle: Path, tmp_path: Path, case: str) -> None:
+    """info, predict, classify and render on a hostile bundle: a one-line error, never a traceback."""
+    d = tmp_path / "b"
+    shutil.copytree(bundle, d)
+    m = json.loads((d / "manifest.json").read_text())
+    if case == "temperature_nan":
+        _set(m, "calibration.temperature", NAN)
+        (d / "manifest.json").write_text(json.dumps(m))
+    else:
+        _npz_with_header(d / m["ood"]["stats"], {"mean": (10**12,), "precision": (10**12, 10**12)})
+    img = write_png(tmp_path / "in" / "a.png", cxr_phantom(np.random.default_rng(11), True)[0])
+    runs = {
+        "info": ("info", str(d)),
+        "predict": ("predict", str(img), "--model", str(d)),
+        "classify": ("classify", str(img.parent), "-o", str(tmp_path / "r.csv"), "--model", str(d),
+                     "--no-progress", "--workers", "0"),
+        "render": ("render", str(img), "-o", str(tmp_path / "r.png"), "--model", str(d)),
+    }
+    for name, args in runs.items():
+        proc = _cli(*args, env={"QT_QPA_PLATFORM": "offscreen"})
+        assert "Traceback" not in proc.stderr + proc.stdout, (name, proc.stderr)
+        if name == "info" and case == "ood_lying_header":
+            assert proc.returncode == 0  # info reads the manifest only; the guard is checked on use
+            continue
+        assert proc.returncode == 1, (name, proc.stdout, proc.stderr)
+        err = proc.stderr.strip()
+        assert err.startswith("kdviewer: error:") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r.csv").exists() or (tmp_path / "r.csv").stat().st_size == 0
