@@ -160,6 +160,12 @@ def build_corpus(root: Path) -> dict[str, Path]:
     raw = slices[2].read_bytes()
     slices[2].write_bytes(raw[: len(raw) - 1000])  # header intact, pixels cut: a damaged slice
     notable["damaged_slice"] = slices[2]
+    import pydicom
+
+    ds = pydicom.dcmread(slices[4])
+    ds.Rows = 40  # a header that disagrees with the rest of the series
+    ds.save_as(slices[4])
+    notable["odd_slice"] = slices[4]
     notable["ct"] = root / "ct"
     fuzz = root / "fuzz"
     fuzz.mkdir()
@@ -213,8 +219,8 @@ def _check_run(
     assert len(paths) == len(set(paths)), "a file has more than one row"
     files = [p for p in corpus_root.rglob("*") if p.is_file()]
     series_dir = notable["ct"]
-    expected = {str(p) for p in files if series_dir not in p.parents} | {str(series_dir),
-                                                                        str(notable["damaged_slice"])}
+    expected = {str(p) for p in files if series_dir not in p.parents} | {
+        str(series_dir), str(notable["damaged_slice"]), str(notable["odd_slice"])}
     assert set(paths) == expected  # one row per file (a series is one row, its damaged slice another)
     for r in rows:
         assert os.path.exists(r["path"]), f"the row names a file that does not exist: {r['path']!r}"
@@ -231,10 +237,12 @@ def _check_run(
     assert "times the other" in by[str(notable["rle_col1"])]["error"]
     assert "times the other" in by[str(notable["tall"])]["error"]
     ct = by[str(series_dir)]
-    assert ct["case_type"] == "series" and ct["n_frames"] == "4" and ct["n_found"] == "5"
-    assert "1 of 5 slices" in ct["warning"] and ct["label"]
-    assert by[str(notable["damaged_slice"])]["case_type"] == "error"
-    assert "slice left out of its series" in by[str(notable["damaged_slice"])]["error"]
+    assert ct["case_type"] == "series" and ct["n_frames"] == "3" and ct["n_found"] == "5"
+    assert "2 of 5 slices" in ct["warning"] and ct["label"]
+    for key in ("damaged_slice", "odd_slice"):
+        assert by[str(notable[key])]["case_type"] == "error"
+        assert "slice left out of its series" in by[str(notable[key])]["error"]
+    assert "40 x 48" in by[str(notable["odd_slice"])]["error"]
     for name in SPACE_NAMES:
         assert str(corpus_root / name) in by and not by[str(corpus_root / name)]["error"]
 
@@ -727,8 +735,9 @@ def test_damaged_slice_in_predict_output(corpus: tuple[Path, dict[str, Path]], b
     proc = _cli("predict", str(notable["ct"]), "--model", str(bundle), "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["slices_found"] == 5 and len(result["slices_dropped"]) == 1
-    assert result["slices_dropped"][0]["path"] == str(notable["damaged_slice"])
+    assert result["slices_found"] == 5 and len(result["slices_dropped"]) == 2
+    assert {d["path"] for d in result["slices_dropped"]} == {str(notable["damaged_slice"]),
+                                                               str(notable["odd_slice"])}
 
 
 def test_errors_carry_their_type(corpus: tuple[Path, dict[str, Path]]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +234,22 @@ def load_series(source: Source) -> Study:
 
 
 def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], root: Path | None) -> Study:
+    found = len(headers)
+    paths = list(info.paths)
+    shapes = [(_int_or_none(ds, "Rows"), _int_or_none(ds, "Columns"), _int_or_none(ds, "NumberOfFrames") or 1)
+              for ds in headers]
+    main, main_n = Counter(shapes).most_common(1)[0]
+    failed: list[tuple[str, str]] = []
+    if len(set(shapes)) > 1 and main_n * 2 > found and main[2] == 1:
+        # a few slices whose header disagrees with the rest (damaged, or stray files): left out, each
+        # with its reason, rather than losing the whole series
+        for path, shape in zip(paths, shapes, strict=True):
+            if shape != main:
+                why = (f"its header says {shape[0]} x {shape[1]} pixels, {shape[2]} frame(s); the other "
+                       f"slices of the series are {main[0]} x {main[1]}")
+                failed.append((str(path), why))
+        keep = [i for i, shape in enumerate(shapes) if shape == main]
+        headers, paths = [headers[i] for i in keep], [paths[i] for i in keep]
     sizes = {(_int_or_none(ds, "Rows"), _int_or_none(ds, "Columns")) for ds in headers}
     if len(sizes) > 1:
         listed = ", ".join(f"{r}x{c}" for r, c in sorted(sizes, key=str))
@@ -268,9 +285,8 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
     kept = 0
     kept_positions: list[float] = []
     datasets: list[Dataset] = []
-    failed: list[tuple[str, str]] = []
     for rank, index in enumerate(order):
-        path = info.paths[index]
+        path = paths[index]
         try:
             ds = read_dataset(path)
             frame = decode_frames(ds, path, slice_notes)
@@ -293,11 +309,11 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
         if positions is not None:
             kept_positions.append(positions[rank])
     if not kept:
-        raise SeriesError(f"none of the {n} slices of the series could be decoded", root)
+        raise SeriesError(f"none of the {found} slices of the series could be decoded", root)
     if failed:
         shown = ", ".join(Path(p).name for p, _ in failed[:5]) + (" ..." if len(failed) > 5 else "")
         notes.append(
-            f"{len(failed)} of {n} slices could not be decoded and are left out: {shown}; a finding on "
+            f"{len(failed)} of {found} slices could not be decoded and are left out: {shown}; a finding on "
             "those slices cannot be seen"
         )
     for note in dict.fromkeys(slice_notes):
@@ -357,5 +373,5 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
         slice_positions=slice_positions,
         voi_lut=voi_lut,
         dropped=failed,
-        n_found=n,
+        n_found=found,
     )
