@@ -821,3 +821,17 @@ def test_hostile_bundles_through_every_command(bundle: Path, tmp_path: Path, cas
         err = proc.stderr.strip()
         assert err.startswith("kdviewer: error:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r.csv").exists() or (tmp_path / "r.csv").stat().st_size == 0
+
+
+def test_torn_tail_repair_respects_quoted_newlines(tmp_path: Path) -> None:
+    """A killed run leaves a partial last row; a path holding a newline is one quoted record, so the cut
+    must come after the last complete record, not at the newline inside the quotes."""
+    from kdviewer.batch import _repair_torn_tail
+
+    out = tmp_path / "r.csv"
+    whole = 'path,error\n"/d/new\nline.png",\n"/d/two  spaces.png",\n'
+    out.write_text(whole + '"/d/another\nname', encoding="utf-8")  # torn inside a quoted newline
+    _repair_torn_tail(out)
+    assert out.read_text(encoding="utf-8") == whole
+    with open(out, newline="", encoding="utf-8") as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == ["/d/new\nline.png", "/d/two  spaces.png"]
