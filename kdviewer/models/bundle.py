@@ -548,6 +548,15 @@ def open_bundle(path: str | Path) -> Bundle:
     if missing:
         bundle.close()
         raise BundleError(f"{src}: incomplete model bundle:\n" + "\n".join(missing))
+    ood = manifest.ood
+    if ood is not None and ood.method == "mahalanobis" and ood.stats:
+        from kdviewer.models.ood_stats import read_ood_stats
+
+        try:  # the statistics are part of what `info` vouches for: NaN or lying headers are refused here
+            read_ood_stats(bundle.path(ood.stats))
+        except (ValueError, OSError) as exc:
+            bundle.close()
+            raise BundleError(f"{src}: OOD statistics {ood.stats} unreadable: {exc}") from exc
     return bundle
 
 
