@@ -636,6 +636,14 @@ def test_stale_checkpoint_temporaries_are_removed(tmp_path: Path) -> None:
     stale.write_bytes(b"partial")
     atomic_save({"w": torch.zeros(2)}, tmp_path / "best_teacher.pt")
     assert not stale.exists() and (tmp_path / "best_teacher.pt").is_file()
+    # a run start sweeps the folder, whatever the next saves are
+    from training.checkpoint import remove_stale_temporaries
+
+    stale.write_bytes(b"partial")
+    live = tmp_path / f".last.pt.tmp{os.getpid()}"  # a writer that is still alive keeps its file
+    live.write_bytes(b"writing")
+    remove_stale_temporaries(tmp_path)
+    assert not stale.exists() and live.exists()
 
 
 # ------------------------------------------------------------------------------- item 11: caps

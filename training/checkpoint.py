@@ -26,6 +26,15 @@ LAST = "last.pt"
 TEACHER = "teacher.pt"
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete every ``.NAME.tmpPID`` file in ``folder`` whose writer is gone (a run killed mid-write)."""
+    for old in Path(folder).glob(".*.tmp*"):
+        name = old.name[1:]
+        stem, _, pid = name.rpartition(".tmp")
+        if stem and pid.isdigit():
+            _remove_stale_temporaries(old.with_name(stem))
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete ``.NAME.tmpPID`` files of ``path`` left by a run killed mid-write (their PID is gone)."""
     prefix = f".{path.name}.tmp"
