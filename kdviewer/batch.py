@@ -14,9 +14,16 @@ cancellation through a `threading.Event`).
 
 CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label,
 prob_<class>..., teacher_label, teacher_prob_<class>... (with a teacher), disagreement, divergence,
-ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, heatmap. For a series, ``path`` is the
-folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several series) and the
-probabilities are the series aggregate (see `kdviewer.inference.predict`).
+ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, n_found, warning, heatmap. For a series,
+``path`` is the folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several
+series) and the probabilities are the series aggregate (see `kdviewer.inference.predict`); ``n_frames``
+slices were used of the ``n_found`` found, every slice left out has its own error row, and ``warning``
+says so on the series row.
+
+Hostile inputs: ``path`` is stored exactly (runs of spaces, tabs, newlines: the CSV quotes them, and the
+torn-tail repair respects quotes) so a rerun finds every row; other text cells never start a formula
+and hold no control characters (`kdviewer.sanitize`); an existing output that is not a results file of
+ours is refused before anything is written; decoder processes exit when the run is killed.
 """
 
 from __future__ import annotations
@@ -479,7 +486,7 @@ def run_batch(
     array of all rows (this run and earlier ones) written at the end.
 
     ``deidentify``: paths are written relative to ``folder`` and every DICOM UID is replaced by a
-    pseudonym (`Pseudonymizer`: the same UID always gets the same replacement on this machine), so
+    pseudonym (`pseudonymize_uid`: the same UID always gets the same replacement on this machine), so
     the output can leave the hospital without the identifiers the paths and UIDs carry.
 
     ``workers`` and ``threads`` are capped at the machine's cores (with a warning).
