@@ -14,9 +14,16 @@ cancellation through a `threading.Event`).
 
 CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label,
 prob_<class>..., teacher_label, teacher_prob_<class>... (with a teacher), disagreement, divergence,
-ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, heatmap. For a series, ``path`` is the
-folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several series) and the
-probabilities are the series aggregate (see `kdviewer.inference.predict`).
+ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, n_found, warning, heatmap. For a series,
+``path`` is the folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several
+series) and the probabilities are the series aggregate (see `kdviewer.inference.predict`); ``n_frames``
+slices were used of the ``n_found`` found, every slice left out has its own error row, and ``warning``
+says so on the series row.
+
+Hostile inputs: ``path`` is stored exactly (runs of spaces, tabs, newlines: the CSV quotes them, and the
+torn-tail repair respects quotes) so a rerun finds every row; other text cells never start a formula
+and hold no control characters (`kdviewer.sanitize`); an existing output that is not a results file of
+ours is refused before anything is written; decoder processes exit when the run is killed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 
 from kdviewer.errors import KDViewerError
 from kdviewer.inference.ood import DomainShift, domain_shift
+from kdviewer.sanitize import csv_path, csv_text
 
 if TYPE_CHECKING:
     from kdviewer.imaging.study import Study
@@ -197,22 +205,48 @@ def _decode_case(case: Case, pre_json: str) -> dict[str, Any]:
     if pre is None:
         pre = _PRE_CACHE[pre_json] = Preprocessing.model_validate_json(pre_json)
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"path": case.path, "array": None, "error": "", "uids": {}, "n_frames": 0}
+    out: dict[str, Any] = {"path": case.path, "array": None, "error": "", "uids": {}, "n_frames": 0,
+                           "dropped": [], "n_found": None}
     try:
         study = load_case(case)
         idx = list(range(study.n_frames)) if study.is_volume else [study.middle_index()]
-        out["array"] = np.stack([preprocess_frame(study.frames[i], pre, study) for i in idx])
+        # filled in place: a list of slices plus np.stack would hold the model input twice
+        array = np.empty((len(idx), pre.channels, pre.input_size, pre.input_size), np.float32)
+        for j, i in enumerate(idx):
+            array[j] = preprocess_frame(study.frames[i], pre, study)
+        out["array"] = array
         out["uids"] = dict(study.uids)
         out["n_frames"] = len(idx)
         out["modality"] = study.modality
+        out["dropped"] = [(str(p), _one_line(why)) for p, why in study.dropped]
+        out["n_found"] = study.n_found
     except KDViewerError as exc:
         out["error"] = _one_line(exc)
     except MemoryError:
         out["error"] = "not enough memory to decode this image"
     except Exception as exc:  # a decoder bug must cost one row, not the whole run
         out["error"] = _one_line(f"could not decode: {type(exc).__name__}: {exc}")
+    except BaseException as exc:
+        from kdviewer.imaging.dicom import is_decoder_panic
+
+        if not is_decoder_panic(exc):  # KeyboardInterrupt / SystemExit go on
+            raise
+        out["error"] = _one_line(f"the decoder failed on this file (damaged data): {exc}")
     out["t_decode_ms"] = (time.perf_counter() - t0) * 1e3
     return out
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Decoder process start-up: exit as soon as the parent is gone (killed with -9, say), so that no
+    decoder (and, once they are all gone, no resource tracker) outlives a killed run."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="kdviewer-parent-watch", daemon=True).start()
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -224,23 +258,102 @@ def csv_columns(class_names: list[str], teacher: bool) -> list[str]:
     if teacher:
         cols += ["teacher_label"] + [f"teacher_prob_{c}" for c in class_names]
     cols += ["disagreement", "divergence", "ood_score", "ood_flag", "error", "t_decode_ms", "t_infer_ms",
-             "n_frames", "heatmap"]
+             "n_frames", "n_found", "warning", "heatmap"]
     return cols
 
 
-def _repair_torn_tail(path: Path) -> None:
-    """Cut a partial last line left by a killed run (rows never contain embedded newlines)."""
+def _record_end(data: bytes) -> int:
+    """Offset just after the last complete CSV record of ``data``: a newline outside quotes (a path may
+    hold a quoted newline; doubled quotes keep the count of quote characters even)."""
+    end = len(data)
+    while True:
+        nl = data.rfind(b"\n", 0, end)
+        if nl < 0:
+            return 0
+        if data.count(b'"', 0, nl) % 2 == 0:
+            return nl + 1
+        end = nl
+
+
+def _repair_torn_tail(path: Path, csv_records: bool = True) -> None:
+    """Cut a partial last record left by a killed run."""
     with open(path, "rb+") as fh:
         data = fh.read()
-        if not data or data.endswith(b"\n"):
+        if not data:
             return
-        cut = data.rfind(b"\n") + 1
+        cut = _record_end(data) if csv_records else data.rfind(b"\n") + 1
+        if cut == len(data):
+            return
         fh.seek(cut)
         fh.truncate()
 
 
+_HEADER_PREFIX = "path,case_type,"
+
+
+def check_output_is_ours(out_csv: Path, columns: list[str]) -> None:
+    """Refuse, *before anything is written*, an existing output that is not a results CSV of ours
+    (a note, an image...) or one of another model: kdviewer never modifies a file that is not its own."""
+    if not out_csv.exists():
+        return
+    if not out_csv.is_file():
+        raise BatchError(f"{out_csv} is not a regular file; choose a .csv file name for the results")
+    if out_csv.stat().st_size == 0:
+        return
+    with open(out_csv, "rb") as fh:
+        head = fh.read(64 * 1024)
+    first = head.split(b"\n", 1)[0]
+    try:
+        header = next(csv.reader([first.decode("utf-8")]), [])
+    except (UnicodeDecodeError, csv.Error):
+        header = []
+    if header == columns:
+        return
+    if first.startswith(_HEADER_PREFIX.encode()):
+        raise BatchError(
+            f"{out_csv} already holds results with different columns (another model or --teacher "
+            "setting); choose another output file or delete it to start over"
+        )
+    raise BatchError(
+        f"{out_csv} exists and is not a kdviewer results file (its first line is not the results "
+        "header); it was left untouched: choose another output file name"
+    )
+
+
+def check_json_is_ours(json_path: Path) -> None:
+    """The same for the ``--json`` output: an existing file must be a JSON array (.json) or JSON
+    lines (.jsonl) of result rows, else it is refused untouched."""
+    if not json_path.exists() or (json_path.is_file() and json_path.stat().st_size == 0):
+        return
+    if not json_path.is_file():
+        raise BatchError(f"{json_path} is not a regular file; choose another --json file name")
+    with open(json_path, "rb") as fh:
+        head = fh.read(64 * 1024)
+    ours = False
+    if json_path.suffix.lower() == ".jsonl":
+        try:
+            ours = isinstance(obj := json.loads(head.split(b"\n", 1)[0]), dict) and "path" in obj
+        except ValueError:
+            ours = False
+    else:
+        ours = head.lstrip().startswith(b"[")
+        if ours:
+            try:
+                data = json.loads(json_path.read_bytes())
+                ours = isinstance(data, list) and all(isinstance(r, dict) and "path" in r for r in data)
+            except ValueError:
+                ours = False
+    if not ours:
+        raise BatchError(
+            f"{json_path} exists and is not a kdviewer results file; it was left untouched: choose "
+            "another --json file name"
+        )
+
+
 def read_done(out_csv: Path, columns: list[str]) -> list[dict[str, str]]:
-    """Rows already in ``out_csv`` (after repairing a torn tail); BatchError if its columns differ."""
+    """Rows already in ``out_csv`` (after repairing a torn tail); BatchError if it is not ours or its
+    columns differ (checked before any repair)."""
+    check_output_is_ours(out_csv, columns)
     if not out_csv.exists() or out_csv.stat().st_size == 0:
         return []
     _repair_torn_tail(out_csv)
@@ -249,11 +362,6 @@ def read_done(out_csv: Path, columns: list[str]) -> list[dict[str, str]]:
         header = next(reader, None)
         if header is None:
             return []
-        if header != columns:
-            raise BatchError(
-                f"{out_csv} already holds results with different columns (another model or --teacher "
-                "setting); choose another output file or delete it to start over"
-            )
         return [dict(zip(columns, row, strict=True)) for row in reader if len(row) == len(columns)]
 
 
@@ -264,7 +372,17 @@ def _fmt(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, float | np.floating):
         return f"{float(v):.6g}"
-    return _one_line(v)
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    return csv_text(v)
+
+
+def _cell(column: str, v: Any) -> str:
+    """One CSV cell: the path exactly as on disk (resume finds the file again), all other text one
+    line, without control characters and never a spreadsheet formula."""
+    if column == "path" and isinstance(v, str):
+        return csv_path(v)
+    return _fmt(v)
 
 
 def _typed(row: dict[str, str]) -> dict[str, Any]:
@@ -278,7 +396,7 @@ def _typed(row: dict[str, str]) -> dict[str, Any]:
         elif k.startswith(("prob_", "teacher_prob_")) or k in ("divergence", "ood_score", "t_decode_ms",
                                                                "t_infer_ms"):
             out[k] = float(v)
-        elif k == "n_frames":
+        elif k in ("n_frames", "n_found"):
             out[k] = int(v)
         else:
             out[k] = v
@@ -286,7 +404,8 @@ def _typed(row: dict[str, str]) -> dict[str, Any]:
 
 
 class _Writer:
-    def __init__(self, out_csv: Path, columns: list[str], jsonl: Path | None) -> None:
+    def __init__(self, out_csv: Path, columns: list[str], jsonl: Path | None,
+                 done_rows: list[dict[str, str]] | None = None) -> None:
         self.columns = columns
         fresh = not out_csv.exists() or out_csv.stat().st_size == 0
         out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -298,12 +417,24 @@ class _Writer:
         self.jfh = None
         if jsonl is not None:
             jsonl.parent.mkdir(parents=True, exist_ok=True)
+            have: set[str] = set()
             if jsonl.exists():
-                _repair_torn_tail(jsonl)
+                _repair_torn_tail(jsonl, csv_records=False)
+                with open(jsonl, encoding="utf-8") as fh:
+                    for line in fh:
+                        try:
+                            have.add(str(json.loads(line).get("path")))
+                        except (ValueError, AttributeError):
+                            continue
             self.jfh = open(jsonl, "a", encoding="utf-8")  # noqa: SIM115
+            # a run killed between its CSV and JSONL writes: the CSV rows the JSONL lacks go in now
+            for r in done_rows or []:
+                if r["path"] not in have:
+                    self.jfh.write(json.dumps(_typed(r)) + "\n")
+            self.jfh.flush()
 
     def write(self, row: dict[str, Any]) -> dict[str, str]:
-        cells = {c: _fmt(row.get(c)) for c in self.columns}
+        cells = {c: _cell(c, row.get(c)) for c in self.columns}
         self.writer.writerow([cells[c] for c in self.columns])
         self.fh.flush()
         if self.jfh is not None:
@@ -347,6 +478,7 @@ def run_batch(
     cancel: threading.Event | None = None,
     cases: list[Case] | None = None,
     on_result: Callable[[Any, Case, Any, Any], None] | None = None,
+    deidentify: bool = False,
 ) -> BatchSummary:
     """Classify every case under ``folder``; see the module docstring. Raises only for run failures
     (`BatchError`, `BundleError`); unreadable files become rows with an ``error``.
@@ -358,26 +490,37 @@ def run_batch(
     before its row is written (``kdviewer classify --dicom-out`` writes the DICOM objects there), so a
     run killed in between redoes both on resume. It must handle its own errors; a `KDViewerError` that
     escapes is logged and the row is still written.
+
+    ``deidentify``: paths are written relative to ``folder`` and every DICOM UID is replaced by a
+    pseudonym (`pseudonymize_uid`: the same UID always gets the same replacement on this machine), so
+    the output can leave the hospital without the identifiers the paths and UIDs carry.
+
+    ``workers`` and ``threads`` are capped at the machine's cores (with a warning).
     """
-    from kdviewer.inference.predict import Classifier
+    from kdviewer.inference.predict import Classifier, cap_to_cores
 
     t_start = time.perf_counter()
+    workers = cap_to_cores(workers, "decoder processes (--workers)")
+    threads = cap_to_cores(threads, "inference threads (--threads)")
     out_csv = Path(out_csv)
     json_path = Path(json_out) if json_out else None
     jsonl = json_path if json_path is not None and json_path.suffix.lower() == ".jsonl" else None
+    if json_path is not None:
+        check_json_is_ours(json_path)
     clf = Classifier(bundle, use_int8=use_int8, threads=threads, load_teacher=teacher)  # type: ignore[arg-type]
     names = clf.class_names
     columns = csv_columns(names, teacher)
     done_rows = read_done(out_csv, columns)
     done = {_norm(r["path"]) for r in done_rows}
     all_cases = scan(folder) if cases is None else cases
-    todo = [c for c in all_cases if _norm(c.path) not in done]
+    shown = _Shown(Path(folder), deidentify)
+    todo = [c for c in all_cases if _norm(shown.path(c.path)) not in done]
     skipped = len(all_cases) - len(todo)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
     if heat_dir is not None:
         heat_dir.mkdir(parents=True, exist_ok=True)
     try:
-        writer = _Writer(out_csv, columns, jsonl)
+        writer = _Writer(out_csv, columns, jsonl, done_rows)
     except OSError as exc:
         raise BatchError(f"cannot write {out_csv}: {exc.strerror or exc}") from exc
 
@@ -399,6 +542,7 @@ def run_batch(
                                left / rate if rate > 0 else None, current))
 
     def emit(row: dict[str, Any]) -> None:
+        row = shown.row(row)
         writer.write(row)
         stats["done"] += 1
         if row.get("error"):
@@ -424,6 +568,16 @@ def run_batch(
         except KDViewerError as exc:
             log.warning("%s: %s", case.path, exc)
 
+    def emit_dropped(res: dict[str, Any]) -> None:
+        """One error row per damaged slice a series left out (before the series row; once only)."""
+        for slice_path, why in res.get("dropped") or []:
+            key = _norm(shown.path(slice_path))
+            if key in done:
+                continue
+            done.add(key)
+            emit({"path": slice_path, "case_type": "error", "error": f"slice left out of its series: {why}",
+                  "t_decode_ms": None})
+
     def flush(buffer: list[dict[str, Any]]) -> None:
         if not buffer:
             return
@@ -438,6 +592,7 @@ def run_batch(
                 preds = clf.predict_batch(arrays)
         except KDViewerError as exc:  # e.g. an input the model cannot take: rows, not a crash
             for b in buffer:
+                emit_dropped(b)
                 emit(_row(by_path[b["path"]], b, None, None, names, error=_one_line(exc)))
             buffer.clear()
             return
@@ -447,8 +602,10 @@ def run_batch(
             comp = comps[i] if comps is not None else None
             row = _row(by_path[b["path"]], b, preds[i], comp, names, infer_ms=per_img * len(arrays[i]))
             if heat_dir is not None:
-                row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i])
+                row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i],
+                                                anonymous=deidentify)
             result_hook(by_path[b["path"]], preds[i], comp)
+            emit_dropped(b)
             emit(row)
         stats["images"] += n_img
         buffer.clear()
@@ -464,7 +621,8 @@ def run_batch(
         if workers <= 0 or len(pending_cases) <= 1:
             results = _decode_inline(pending_cases, pre_json)
         else:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(os.getpid(),))
             results = _decode_pooled(pool, pending_cases, pre_json, window=max(2 * workers, batch_size),
                                      cancel=cancel)
         for res in results:
@@ -531,8 +689,12 @@ def _decode_pooled(
             try:
                 yield f.result()
             except Exception as exc:  # a worker died (e.g. killed by the OOM killer)
+                from concurrent.futures.process import BrokenProcessPool
+
+                why = (f"the decoder process died while reading this file ({exc}); it may need more "
+                       "memory than is free" if isinstance(exc, BrokenProcessPool) else f"{exc}")
                 yield {"path": c.path, "array": None, "uids": {}, "n_frames": 0, "t_decode_ms": 0.0,
-                       "error": _one_line(f"decoder process failed: {type(exc).__name__}: {exc}")}
+                       "error": _one_line(f"decoder process failed: {type(exc).__name__}: {why}")}
 
 
 def _row(
@@ -556,7 +718,14 @@ def _row(
         "t_decode_ms": res.get("t_decode_ms"),
         "t_infer_ms": infer_ms,
         "n_frames": res.get("n_frames") or None,
+        "n_found": res.get("n_found"),
     }
+    dropped = res.get("dropped") or []
+    if dropped and not error:
+        row["warning"] = (
+            f"{len(dropped)} of {res.get('n_found')} slices could not be read and were left out (see "
+            "their error rows): a finding on them cannot be seen"
+        )
     if pred is not None:
         row["label"] = pred.label
         for n, p in zip(names, pred.probabilities, strict=True):
@@ -572,8 +741,10 @@ def _row(
     return row
 
 
-def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
-    """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible."""
+def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any, anonymous: bool = False) -> str:
+    """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible.
+
+    ``anonymous`` (``--deidentify``): the file is named by a hash only, never by the case's file name."""
     from PIL import Image
 
     from kdviewer.imaging.windowing import display_frame
@@ -585,14 +756,73 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
         if smap is None:
             return ""
         rgb = overlay(display_frame(study, smap.frame), smap.heatmap)
-    except (KDViewerError, ValueError, RuntimeError) as exc:
-        log.warning("no heatmap for %s: %s", case.path, exc)
+        del study, smap
+        stem = "case" if anonymous else (Path(case.path.split("#", 1)[0]).name or "case")
+        tag = hashlib.sha1(case.path.encode("utf-8")).hexdigest()[:8]
+        out = heat_dir / f"{stem}.{tag}.png"
+        Image.fromarray(rgb).save(out)
+    except Exception as exc:  # MemoryError, OSError, a CAM bug...: this row loses its heatmap, not the run
+        log.warning("no heatmap for %s: %s: %s", case.path, type(exc).__name__, exc)
         return ""
-    stem = Path(case.path.split("#", 1)[0]).name or "case"
-    tag = hashlib.sha1(case.path.encode("utf-8")).hexdigest()[:8]
-    out = heat_dir / f"{stem}.{tag}.png"
-    Image.fromarray(rgb).save(out)
     return str(out)
+
+
+def _pseudonym_key() -> bytes:
+    """This user's secret for `Pseudonymizer` (created once, readable by the user only)."""
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kdviewer"
+    key_file = base / "deidentify.key"
+    try:
+        return bytes.fromhex(key_file.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        pass
+    base.mkdir(parents=True, exist_ok=True)
+    key = os.urandom(32)
+    tmp = key_file.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(key.hex())
+    os.replace(tmp, key_file)
+    return key
+
+
+def pseudonymize_uid(uid: str, key: bytes) -> str:
+    """A DICOM UID replaced by ``2.25.<HMAC-SHA256 of it>``: the same UID always gives the same
+    pseudonym under one key, and the original cannot be recovered without the key."""
+    import hmac
+
+    digest = hmac.new(key, uid.encode("utf-8"), hashlib.sha256).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+class _Shown:
+    """How a row appears in the output: as is, or de-identified (relative paths, pseudonymous UIDs)."""
+
+    def __init__(self, folder: Path, deidentify: bool) -> None:
+        self.deidentify = deidentify
+        self.root = folder if folder.is_dir() else folder.parent
+        self.prefix = str(self.root).rstrip(os.sep) + os.sep
+        self.key = _pseudonym_key() if deidentify else b""
+
+    def path(self, path: str) -> str:
+        if not self.deidentify:
+            return path
+        main, sep, uid = path.partition("#")
+        if main.startswith(self.prefix):
+            main = main[len(self.prefix):]
+        elif main == str(self.root):
+            main = "."
+        return main + (sep + pseudonymize_uid(uid, self.key) if sep else "")
+
+    def row(self, row: dict[str, Any]) -> dict[str, Any]:
+        if not self.deidentify:
+            return row
+        row = dict(row, path=self.path(row["path"]))
+        for col in ("study_uid", "series_uid", "sop_uid"):
+            if row.get(col):
+                row[col] = pseudonymize_uid(str(row[col]), self.key)
+        if row.get("error"):
+            row["error"] = str(row["error"]).replace(self.prefix, "")
+        return row
 
 
 def summary_lines(s: BatchSummary, shift: bool = True) -> list[str]:

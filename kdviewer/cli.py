@@ -27,6 +27,7 @@ from typing import Any
 
 from kdviewer import __version__
 from kdviewer.errors import KDViewerError
+from kdviewer.sanitize import plain
 
 log = logging.getLogger("kdviewer")
 
@@ -120,6 +121,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             progress=progress,
             cancel=cancel,
             on_result=exporter,
+            deidentify=args.deidentify,
         )
     finally:
         if bar is not None:
@@ -216,6 +218,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result["path"] = str(args.file)
     result["bundle"] = {"name": clf.manifest.name, "demo": clf.bundle.is_demo,
                         "synthetic_data": clf.bundle.is_synthetic}
+    dropped = list(study.dropped)
+    if study.n_found is not None:
+        result["slices_found"] = study.n_found
+        result["slices_dropped"] = [{"path": p, "reason": why} for p, why in dropped]
     if args.dicom_out:
         from kdviewer.dicom_out import export_case
 
@@ -234,11 +240,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_OK
     tags = [t for t, on in (("DEMO", clf.bundle.is_demo), ("SYNTHETIC", clf.bundle.is_synthetic)) if on]
     shown = f"  [{', '.join(tags)} model]" if tags else ""
-    print(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}")
+    print(plain(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}"))
     for name, p in zip(pred.class_names, pred.probabilities, strict=True):
-        print(f"  {name:<20} {p:.3f}")
+        print(f"  {plain(name):<20} {p:.3f}")
     if pred.aggregate:
         print(f"  series of {len(pred.frames)} slices, aggregate: {pred.aggregate}")
+    if dropped:
+        print(f"  WARNING: {len(dropped)} of {study.n_found} slices could not be read and were left out; a "
+              "finding on them cannot be seen:")
+        for p, why in dropped:
+            print(plain(f"    {p}: {why}"))
     if pred.ood_score is not None:
         flag = "  UNLIKE THE TRAINING DATA - result not reliable" if pred.ood_flag else ""
         print(f"  OOD score {pred.ood_score:.2f} (threshold {pred.ood_threshold:.2f}){flag}")
@@ -284,7 +295,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             if args.json:
                 print(bundle.manifest.model_dump_json(indent=2))
             else:
-                print("\n".join(bundle.summary()))
+                print("\n".join(plain(line) for line in bundle.summary()))
         return EXIT_OK
     study = _load_case(path)
     info: dict[str, Any] = {
@@ -304,17 +315,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
+    # every string printed comes from the file: no escape sequence reaches the terminal
     for key in ("source", "modality", "frames", "size", "photometric", "pixel_spacing_mm", "slice_spacing_mm",
                 "window", "value_range"):
         if info[key] is not None:
-            print(f"{key}: {info[key]}")
+            print(plain(f"{key}: {info[key]}"))
     for key, value in info["metadata"].items():
-        print(f"  {key}: {value}")
+        print(plain(f"  {key}: {value}"))
     for key, value in info["uids"].items():
         shown = value if len(value) < 120 else value[:117] + "..."
-        print(f"  {key}: {shown}")
+        print(plain(f"  {key}: {shown}"))
     for note in info["notes"]:
-        print(f"note: {note}")
+        print(plain(f"note: {note}"))
     return EXIT_OK
 
 
@@ -366,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-out", metavar="DIR",
                    help="also write a DICOM Structured Report + Secondary Capture per case into DIR")
     _add_send(p)
+    p.add_argument("--deidentify", action="store_true",
+                   help="write paths relative to FOLDER and replace DICOM UIDs by consistent pseudonyms")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("predict", help="classify one image, DICOM file or CT-series folder")
@@ -433,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"kdviewer: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if getattr(args, "threads", 1) < 1:
+        print("kdviewer: error: --threads must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `kdviewer info ... | head`: the reader went away; not an error
@@ -444,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except KDViewerError as exc:
-        print(f"kdviewer: error: {_one_line(exc)}", file=sys.stderr)
+        print(plain(f"kdviewer: error: {_one_line(exc)}"), file=sys.stderr)
         return EXIT_FAIL
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""

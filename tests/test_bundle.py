@@ -120,14 +120,20 @@ def test_manifest_file_names_cannot_leave_the_bundle(bundle_dir: Path, tmp_path:
         open_bundle(d)
 
 
-def test_zip_bundle_opens_and_cleans_up(bundle_dir: Path, tmp_path: Path) -> None:
+def test_zip_bundle_extracted_once_into_the_cache(bundle_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDVIEWER_CACHE", str(tmp_path / "cache"))
     z = _zip_folder(bundle_dir, tmp_path / "b.zip", prefix="cxr/")  # zipped folder (one sub-folder)
     b = open_bundle(z)
     root = b.root
     assert root.is_dir() and (root / "student.onnx").is_file()
     assert b.source == z
+    assert (tmp_path / "cache") in root.parents
     b.close()
-    assert not root.exists()
+    stamp = (root / "student.onnx").stat().st_mtime_ns
+    b2 = open_bundle(z)  # same content: the same extraction, not a second copy
+    assert b2.root == root and (root / "student.onnx").stat().st_mtime_ns == stamp
+    assert len([p for p in (tmp_path / "cache" / "bundles").iterdir()]) == 1
 
 
 def _bad_zip(path: Path, bundle_dir: Path, name: str, data: bytes = b"x", mode: int | None = None) -> Path:

@@ -69,7 +69,7 @@ def bundle(data_dir, tmp_path_factory):
         teacher_arch=ARCH,
         train_loader=train,
         val_loader=val,
-        config={"lr": 3e-3, "note": "test"},
+        config={"lr": 3e-3, "note": "test", "data": {"root": "/data/hospital/DOE_JANE/cxr"}},
         history=history,
         data_fingerprint="sha256:test",
         synthetic=True,
@@ -117,6 +117,11 @@ def test_bundle_files_and_manifest(bundle):
     assert m.int8_parity["agreement"] >= 0.9
     assert {"torch", "onnx", "onnxruntime", "kdviewer"} <= set(m.created_with)
     assert m.training["data_fingerprint"] == "sha256:test" and m.training["config"]["lr"] == 3e-3
+    # a bundle travels: the training data's absolute path does not travel with it (issue 17 item 13)
+    for f in path.iterdir():
+        if f.suffix in (".json", ".md", ".html"):
+            assert "DOE_JANE" not in f.read_text(encoding="utf-8"), f.name
+    assert m.training["config"]["data"]["root"].startswith("cxr (path sha256:")
     assert m.training["student_dropout"] == pytest.approx(0.2)
     card = (path / "model_card.md").read_text()
     assert card.startswith("**SYNTHETIC DATA") and "95% CI" in card and "sha256:test" in card

@@ -209,3 +209,17 @@ def test_ct_series_folder_opens_as_one_case(qtbot, window, gui_data) -> None:
     open_and_wait(qtbot, window, gui_data["ct"])
     assert not window.study_list.isVisible()
     assert window.study.n_frames == 6
+
+
+def test_series_with_a_damaged_slice_warns_in_the_viewer(qtbot, window, tmp_path: Path) -> None:
+    """Issue 17 item 7: a slice that cannot be decoded is left out with a warning (not a quiet note)."""
+    from test_gui_support import write_ct_series
+
+    folder = write_ct_series(tmp_path / "ct", n=5, size=48)
+    bad = folder / "slice_002.dcm"
+    bad.write_bytes(bad.read_bytes()[:-1000])  # header intact, pixels cut short
+    open_and_wait(qtbot, window, folder)
+    assert window.study is not None and window.study.n_frames == 4 and window.study.n_found == 5
+    bar = window.message_bar
+    assert bar.level == "warning"
+    assert "1 of 5 slices could not be read" in bar.text()

@@ -470,14 +470,27 @@ def test_several_series_pick_largest(tmp_path: Path) -> None:
 
 
 def test_series_inconsistent_sizes(tmp_path: Path) -> None:
+    """One slice whose size differs from the rest is left out with its reason (issue 17 item 7: a
+    damaged header must cost that slice, visibly, not the series); an even mix is no volume at all."""
     uid, _ = write_series(tmp_path / "s", n=3)
-    write_dicom(
+    odd = write_dicom(
         tmp_path / "s" / "odd.dcm",
         np.zeros((20, 20), np.uint16),
         series_uid=uid,
         ImagePositionPatient=[0, 0, 100],
         ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
     )
+    study = load(tmp_path / "s")
+    assert study.n_frames == 3 and study.n_found == 4
+    assert [p for p, _ in study.dropped] == [str(odd)] and "20 x 20" in study.dropped[0][1]
+    for z in (110, 120):
+        write_dicom(
+            tmp_path / "s" / f"odd{z}.dcm",
+            np.zeros((20, 20), np.uint16),
+            series_uid=uid,
+            ImagePositionPatient=[0, 0, z],
+            ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+        )
     with pytest.raises(SeriesError, match="20x20"):
         load(tmp_path / "s")
 

@@ -26,9 +26,39 @@ LAST = "last.pt"
 TEACHER = "teacher.pt"
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete every ``.NAME.tmpPID`` file in ``folder`` whose writer is gone (a run killed mid-write)."""
+    for old in Path(folder).glob(".*.tmp*"):
+        name = old.name[1:]
+        stem, _, pid = name.rpartition(".tmp")
+        if stem and pid.isdigit():
+            _remove_stale_temporaries(old.with_name(stem))
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.NAME.tmpPID`` files of ``path`` left by a run killed mid-write (their PID is gone)."""
+    prefix = f".{path.name}.tmp"
+    for old in path.parent.glob(f"{prefix}*"):
+        try:
+            pid = int(old.name[len(prefix):])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # a live process is still writing it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        old.unlink(missing_ok=True)
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:

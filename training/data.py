@@ -96,8 +96,28 @@ def _is_image(p: Path, extensions: set[str]) -> bool:
     return p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")
 
 
+def _series_uid(path: Path) -> str | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"])
+        return str(ds.get("SeriesInstanceUID", "") or "") or None
+    except Exception:  # an unreadable file says nothing about the folder
+        return None
+
+
 def _is_series_dir(p: Path) -> bool:
-    return p.is_dir() and any(f.suffix.lower() in (".dcm", ".dicom") for f in p.iterdir())
+    """A folder of DICOM slices of *one* series (a CT case). A class folder of DICOM radiographs (e.g.
+    ``kd-train synth --format dicom``) holds files of many series and is not one: the SeriesInstanceUIDs
+    of its first few files (headers only) decide."""
+    if not p.is_dir():
+        return False
+    dicoms = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in (".dcm", ".dicom"))
+    if not dicoms:
+        return False
+    uids = {_series_uid(f) for f in dicoms[:3]}
+    uids.discard(None)
+    return len(uids) <= 1
 
 
 def _cases_in(folder: Path, extensions: set[str]) -> list[Path]:

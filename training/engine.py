@@ -59,6 +59,7 @@ from training.checkpoint import (
     capture_rng,
     cpu_state_dict,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng,
     snapshot,
 )
@@ -908,6 +909,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(ckpt_dir)  # half-written checkpoints of a run killed with -9
             if (out / STOP_FILE).exists():
                 (out / STOP_FILE).unlink()
         ddp.barrier(dist)

@@ -78,6 +78,23 @@ def _versions() -> dict[str, str]:
     }
 
 
+def redact_paths(value: Any) -> Any:
+    """Absolute file-system paths in ``value`` (a JSON-like config) replaced by their last component
+    and a fingerprint: a bundle travels, and ``/data/hospital/patients/DOE_JANE/...`` must not travel
+    with it. The fingerprint still tells two runs on the same data apart."""
+    import hashlib
+    import os
+
+    if isinstance(value, dict):
+        return {k: redact_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_paths(v) for v in value]
+    if isinstance(value, str) and len(value) > 1 and (os.path.isabs(value) or value.startswith("~")):
+        digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
+        return f"{Path(value).name} (path sha256:{digest})"
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -547,7 +564,7 @@ def export_bundle(
         }
         evaluation["data"] = data_counts
         training: dict[str, Any] = {
-            "config": _jsonable(config),
+            "config": redact_paths(_jsonable(config)),
             "data_fingerprint": data_fingerprint,
             "data": data_counts,
             "history": _summarise_history(history),

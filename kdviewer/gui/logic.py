@@ -229,7 +229,7 @@ def is_synthetic(study: Study) -> bool:
 
 
 #: Safe DICOM fields shown on the image corners, in order; missing ones are skipped.
-CORNER_FIELDS_TOP_LEFT = ("Modality", "StudyDescription", "SeriesDescription", "BodyPartExamined")
+CORNER_FIELDS_TOP_LEFT = ("Modality", "BodyPartExamined")  # descriptions are free text: PHI
 CORNER_FIELDS_BOTTOM_LEFT = ("Manufacturer", "ViewPosition", "SliceThickness", "KVP")
 
 

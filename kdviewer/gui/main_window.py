@@ -493,7 +493,13 @@ class MainWindow(QMainWindow):
         self._update_window_menu()
         if self.message_bar.level == "error":
             self.message_bar.dismiss()
-        if study.notes:
+        if study.dropped:  # a finding on a dropped slice cannot be seen: a warning, not a note
+            head = (f"{len(study.dropped)} of {study.n_found} slices could not be read and are left out; the "
+                    "series answer cannot see a finding on them")
+            details = "\n".join(f"{p}: {why}" for p, why in study.dropped)
+            others = [n for n in study.notes if "could not be decoded and are left out" not in n]
+            self.show_message("; ".join([head, *others]), "warning", details)
+        elif study.notes:
             self.show_message("; ".join(study.notes), "info")
         self._remember_recent("recent/files", str(path)) if not self.cases else None
         self.setWindowTitle(f"kdviewer — {path.name}")

@@ -10,10 +10,15 @@ decoded. Every failure leaves as one of the typed errors of `kdviewer.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,14 @@ from kdviewer.errors import (
     UnsupportedImageError,
 )
 from kdviewer.imaging._arrays import replace_non_finite, rgb_to_gray
-from kdviewer.imaging.formats import MAX_PIXELS, MAX_TOTAL_PIXELS, sniff
+from kdviewer.imaging.formats import (
+    MAX_PIXELS,
+    MAX_TOTAL_PIXELS,
+    check_decode_bytes,
+    check_geometry,
+    decode_bytes,
+    sniff,
+)
 from kdviewer.imaging.metadata import dicom_uids, split_metadata, uid_name
 from kdviewer.imaging.study import CT_PRESETS, Study, VoiLut, Window
 from kdviewer.imaging.windowing import auto_window, full_range_window
@@ -183,6 +195,18 @@ def check_pixel_data(ds: Dataset, path: Path) -> tuple[int, int, int]:
             f"Mpixel), above the {MAX_TOTAL_PIXELS / 1e6:.0f} Mpixel safety cap for one study",
             path,
         )
+    check_geometry(rows, cols, "the DICOM image", path)
+    samples = max(1, min(_int(ds, "SamplesPerPixel", 1) or 1, 4))
+    bits = _int(ds, "BitsAllocated", 16) or 16
+    per_sample = 8 if bits > 32 else max(1, (bits + 7) // 8)
+    if bits == 1:
+        per_sample = 1
+    try:
+        encoded = path.stat().st_size if isinstance(path, Path) else 0
+    except OSError:
+        encoded = 0
+    what = f"the DICOM image ({frames} x {rows} x {cols}, {samples} sample(s) of {bits} bits)"
+    check_decode_bytes(decode_bytes(rows * cols * frames, samples, per_sample, encoded), what, path)
     return frames, rows, cols
 
 
@@ -240,7 +264,69 @@ def _check_decoder(ts: UID, path: Path) -> None:
 _SHORT_RE = re.compile(r"\((\d+) vs (\d+) bytes\)")
 
 
+def is_decoder_panic(exc: BaseException) -> bool:
+    """True for a panic of a Rust decoder plugin (pyo3's ``PanicException``, e.g. pylibjpeg-rle on
+    an RLE frame whose header lies about its size). It derives from BaseException, so ``except
+    Exception`` misses it; KeyboardInterrupt, SystemExit and GeneratorExit are never panics."""
+    kind = type(exc)
+    return any(k.__name__ == "PanicException" and k.__module__.startswith("pyo3") for k in kind.__mro__)
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_stderr_captured(active: bool) -> Iterator[list[bytes]]:
+    """While active, file descriptor 2 goes to a temporary file: a Rust decoder that panics prints its
+    panic message (and, with RUST_BACKTRACE set, a native backtrace) straight to fd 2 before Python sees
+    the exception. The caller decides afterwards: dropped (logged at debug) on a panic, written back
+    to the real stderr otherwise. Yields a list that receives the captured bytes."""
+    captured: list[bytes] = []
+    if not active:
+        yield captured
+        return
+    # fd 2 is process-wide: two threads redirecting at once would restore each other's temp files
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            yield captured
+            return
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                tmp.seek(0)
+                captured.append(tmp.read(65536))
+
+
 def _decode(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
+    # only the RLE plugin is Rust (pylibjpeg-rle); the JPEG plugins are C/C++ and raise normally
+    error: BaseException | None = None
+    arr: np.ndarray | None = None
+    with _native_stderr_captured(ts in RLETransferSyntaxes) as captured:
+        try:
+            arr = _decode_pixels(ds, ts, path)
+        except BaseException as exc:  # re-raised below, once stderr is restored
+            error = exc
+    text = captured[0] if captured else b""
+    if text:
+        if isinstance(error, CorruptImageError) and "decoder panic" in str(error):
+            log.debug("decoder output for %s: %s", path, text[:4000].decode("utf-8", "replace"))
+        else:
+            with contextlib.suppress(OSError):
+                os.write(2, text)
+    if error is not None:
+        raise error
+    assert arr is not None
+    return arr
+
+
+def _decode_pixels(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
     try:
         return ds.pixel_array
     except MemoryError as exc:
@@ -259,6 +345,17 @@ def _decode(ds: Dataset, ts: UID, path: Path) -> np.ndarray:
             f"installed decoders do not support ({type(exc).__name__}: {text})",
             path,
         ) from exc
+    except BaseException as exc:
+        if not is_decoder_panic(exc):  # KeyboardInterrupt, SystemExit...: not ours to swallow
+            raise
+        log.debug("decoder panic on %s: %s", path, exc)
+        # `from None`: the panic object must not travel with the error (it cannot be pickled back
+        # from a decoder process)
+        raise CorruptImageError(
+            f"the pixel data ({ts.name or ts}) could not be decoded: the decoder failed on data that "
+            f"does not match the header (Rows/Columns/frames); the file is damaged (decoder panic: {exc})",
+            path,
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

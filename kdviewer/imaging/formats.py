@@ -17,6 +17,55 @@ Kind = Literal["dicom", "png", "jpeg", "tiff"]
 MAX_PIXELS: int = 100_000_000
 #: Largest total pixel count of one Study (all frames / slices together): 2**28 float32 = 1 GiB.
 MAX_TOTAL_PIXELS: int = 2**28
+#: Largest ratio of the long to the short side of a frame: a 1 x 100,000,000 "image" is a hostile
+#: header, and its model-input resize / heatmap would need gigabytes.
+MAX_ASPECT_RATIO: float = 20.0
+#: Largest memory one decode may need, every copy counted (the decoder's own buffer, the stored
+#: samples, the float32 frames and the temporaries of the conversion to grayscale). With the default
+#: two decoder processes and the main process, a classify run stays under 2.5 GB.
+MAX_DECODE_BYTES: int = 640 * 1024**2
+
+
+def decode_bytes(
+    pixels: int, samples: int = 1, bytes_per_sample: int = 1, encoded: int = 0, frames_only: bool = False
+) -> int:
+    """Estimated peak bytes to decode ``pixels`` pixels (all frames) into float32 grayscale frames.
+
+    Counts the encoded input held in memory (``encoded``), the decoder's output (``samples`` x
+    ``bytes_per_sample`` per pixel), the float32 result, and one float32 temporary of the grayscale
+    conversion for colour images. ``frames_only``: only the float32 result (a series filled slice
+    by slice into one preallocated volume).
+    """
+    out = 4 * pixels
+    if frames_only:
+        return out
+    stored = samples * bytes_per_sample * pixels
+    temp = 4 * pixels if samples > 1 else 0
+    return encoded + stored + out + temp
+
+
+def check_geometry(rows: int, cols: int, what: str, path: object) -> None:
+    """Refuse frames whose shape is absurd (one side more than `MAX_ASPECT_RATIO` times the other)."""
+    from kdviewer.errors import ImageTooLargeError
+
+    if rows > 0 and cols > 0 and max(rows, cols) > MAX_ASPECT_RATIO * min(rows, cols):
+        raise ImageTooLargeError(
+            f"{what} is {cols} x {rows} pixels: one side is more than {MAX_ASPECT_RATIO:g} times the "
+            "other, which no radiograph or CT slice is; the header is damaged or hostile",
+            path,
+        )
+
+
+def check_decode_bytes(needed: int, what: str, path: object) -> None:
+    """Refuse a decode whose estimated peak memory (`decode_bytes`) exceeds `MAX_DECODE_BYTES`."""
+    from kdviewer.errors import ImageTooLargeError
+
+    if needed > MAX_DECODE_BYTES:
+        raise ImageTooLargeError(
+            f"{what} would need about {needed / 1024**2:.0f} MiB of memory to decode, above the "
+            f"{MAX_DECODE_BYTES / 1024**2:.0f} MiB safety cap; downscale it or split it before opening",
+            path,
+        )
 
 #: File-name suffixes of the formats we read. Only a hint for file dialogs: loading dispatches on
 #: content, and DICOM files often have no suffix at all (use `is_supported_file` when scanning).

@@ -26,9 +26,6 @@ SAFE_KEYWORDS: tuple[str, ...] = (
     "Laterality",
     "PatientPosition",
     "PatientOrientation",
-    "StudyDescription",
-    "SeriesDescription",
-    "ProtocolName",
     "ImageType",
     "Manufacturer",
     "ManufacturerModelName",
@@ -114,6 +111,10 @@ PHI_KEYWORDS: tuple[str, ...] = (
     "ContentTime",
     "InstanceCreationDate",
     "InstanceCreationTime",
+    # free text typed at the scanner: seen holding "CXR DOE JANE MRN ..."; hidden with the identifiers
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
 )
 
 UID_KEYWORDS: tuple[str, ...] = (

@@ -17,7 +17,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kdviewer.errors import CorruptImageError, ImageError, ImageTooLargeError, UnsupportedImageError
 from kdviewer.imaging._arrays import replace_non_finite, rgb_to_gray
-from kdviewer.imaging.formats import MAX_PIXELS, MAX_TOTAL_PIXELS, sniff
+from kdviewer.imaging.formats import (
+    MAX_PIXELS,
+    MAX_TOTAL_PIXELS,
+    check_decode_bytes,
+    check_geometry,
+    sniff,
+)
 from kdviewer.imaging.study import Study, Window
 from kdviewer.imaging.windowing import auto_window, full_range_window
 
@@ -46,13 +52,25 @@ def _to_gray(page: Image.Image, notes: list[str]) -> tuple[np.ndarray, int | Non
         return np.asarray(page.convert("I")).astype(np.float32), 32
     # colour: palette, RGB(A), CMYK, YCbCr, LAB, HSV, ...
     rgb_mode = "RGBA" if (mode in ("RGBA", "PA") or (mode == "P" and "transparency" in page.info)) else "RGB"
-    rgb = np.asarray(page.convert(rgb_mode), dtype=np.float32)
+    rgb = np.asarray(page if mode == rgb_mode else page.convert(rgb_mode))  # uint8: no float copy
     note = f"{mode} colour image converted to grayscale (ITU-R BT.601 luma)"
     if rgb_mode == "RGBA":
         note += "; alpha channel dropped"
     if note not in notes:
         notes.append(note)
     return rgb_to_gray(rgb), 8
+
+
+_GRAY_MODES = {"1": 1, "L": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4}
+
+
+def _raster_decode_bytes(mode: str, pixels: int, encoded: int) -> int:
+    """Peak bytes to decode ``pixels`` pixels of a Pillow ``mode`` image into float32 grayscale: the file,
+    Pillow's own buffer (colour is stored as 4 bytes per pixel), a numpy copy of its samples, the
+    float32 frame, and for colour the converted image and one float32 temporary of the luma sum."""
+    if mode in _GRAY_MODES:
+        return encoded + pixels * (_GRAY_MODES[mode] + _GRAY_MODES[mode] + 4)
+    return encoded + pixels * (4 + 4 + 4 + 4 + 4)
 
 
 def load_raster(path: str | os.PathLike[str]) -> Study:
@@ -110,6 +128,16 @@ def _load(path: Path) -> Study:
                 f"{MAX_TOTAL_PIXELS / 1e6:.0f} Mpixel safety cap for one study",
                 path,
             )
+        check_geometry(height, width, f"the {fmt} image", path)
+        try:
+            encoded = path.stat().st_size
+        except OSError:
+            encoded = 0
+        check_decode_bytes(
+            _raster_decode_bytes(im.mode, width * height * n_pages, encoded),
+            f"the {fmt} image ({n_pages} x {width} x {height}, mode {im.mode})",
+            path,
+        )
         source_mode = im.mode
         frames: list[np.ndarray] = []
         depths: set[int | None] = set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,14 @@ from kdviewer.imaging.dicom import (
     read_dataset,
     slice_normal,
 )
-from kdviewer.imaging.formats import MAX_PIXELS, MAX_TOTAL_PIXELS, sniff
+from kdviewer.imaging.formats import (
+    MAX_PIXELS,
+    MAX_TOTAL_PIXELS,
+    check_decode_bytes,
+    check_geometry,
+    decode_bytes,
+    sniff,
+)
 from kdviewer.imaging.metadata import dicom_uids, split_metadata
 from kdviewer.imaging.study import Study
 
@@ -61,10 +69,17 @@ class SeriesInfo:
     paths: tuple[Path, ...]
     rows: int | None = None
     columns: int | None = None
+    number: str = ""
 
     @property
     def n_files(self) -> int:
         return len(self.paths)
+
+    @property
+    def label(self) -> str:
+        """How messages name the series: modality and SeriesNumber, never the free-text description
+        (it can hold patient identifiers, so it is shown only with the PHI)."""
+        return f"{self.modality} series {self.number}".strip() if self.number else f"{self.modality} series"
 
 
 @dataclass
@@ -135,6 +150,7 @@ def _scan(paths: list[Path]) -> _Scan:
                 paths=tuple(sorted(p for p, _ in members)),
                 rows=_int_or_none(first, "Rows"),
                 columns=_int_or_none(first, "Columns"),
+                number=_text(first, "SeriesNumber"),
             )
         )
     infos.sort(key=lambda s: (-s.n_files, s.series_uid))
@@ -205,10 +221,10 @@ def load_series(source: Source) -> Study:
         notes.append(f"skipped {', '.join(skipped)}")
     chosen = scan.series[0]
     if len(scan.series) > 1:
-        others = "; ".join(f"{s.description or s.modality} ({s.n_files})" for s in scan.series[1:6])
+        others = "; ".join(f"{s.label} ({s.n_files})" for s in scan.series[1:6])
         notes.append(
             f"{len(scan.series)} series found; showing the largest: "
-            f"{chosen.description or chosen.modality} ({chosen.n_files} images). Others: {others}"
+            f"{chosen.label} ({chosen.n_files} images). Others: {others}"
         )
     if chosen.n_files == 1:
         study = load_dicom(chosen.paths[0])
@@ -218,11 +234,27 @@ def load_series(source: Source) -> Study:
 
 
 def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], root: Path | None) -> Study:
+    found = len(headers)
+    paths = list(info.paths)
+    shapes = [(_int_or_none(ds, "Rows"), _int_or_none(ds, "Columns"), _int_or_none(ds, "NumberOfFrames") or 1)
+              for ds in headers]
+    main, main_n = Counter(shapes).most_common(1)[0]
+    failed: list[tuple[str, str]] = []
+    if len(set(shapes)) > 1 and main_n * 2 > found and main[2] == 1:
+        # a few slices whose header disagrees with the rest (damaged, or stray files): left out, each
+        # with its reason, rather than losing the whole series
+        for path, shape in zip(paths, shapes, strict=True):
+            if shape != main:
+                why = (f"its header says {shape[0]} x {shape[1]} pixels, {shape[2]} frame(s); the other "
+                       f"slices of the series are {main[0]} x {main[1]}")
+                failed.append((str(path), why))
+        keep = [i for i, shape in enumerate(shapes) if shape == main]
+        headers, paths = [headers[i] for i in keep], [paths[i] for i in keep]
     sizes = {(_int_or_none(ds, "Rows"), _int_or_none(ds, "Columns")) for ds in headers}
     if len(sizes) > 1:
         listed = ", ".join(f"{r}x{c}" for r, c in sorted(sizes, key=str))
         raise SeriesError(
-            f"series {info.description or info.series_uid} mixes slice sizes ({listed}); "
+            f"{info.label} mixes slice sizes ({listed}); "
             "it cannot be stacked into one volume — open a single slice instead",
             root,
         )
@@ -239,38 +271,55 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
             f"{MAX_TOTAL_PIXELS / 1e6:.0f} Mpixel safety cap for one volume",
             root,
         )
+    check_geometry(rows, cols, "each slice", root)
+    # the volume is filled slice by slice (one float32 copy), plus one slice being decoded
+    check_decode_bytes(
+        decode_bytes(n * rows * cols, frames_only=True) + decode_bytes(rows * cols, 1, 2),
+        f"the series ({n} slices of {rows} x {cols})",
+        root,
+    )
     order, positions = _order(headers, notes)
 
     slice_notes: list[str] = []
-    frames: list[np.ndarray] = []
+    volume = np.empty((n, rows, cols), np.float32)
+    kept = 0
     kept_positions: list[float] = []
     datasets: list[Dataset] = []
-    failed: list[str] = []
     for rank, index in enumerate(order):
-        path = info.paths[index]
+        path = paths[index]
         try:
             ds = read_dataset(path)
             frame = decode_frames(ds, path, slice_notes)
         except ImageError as exc:
             log.warning("slice %s left out: %s", path, exc)
-            failed.append(path.name)
+            reason = str(exc).removeprefix(f"{path}: ")
+            failed.append((str(path), reason))
             continue
-        if frame.shape[1:] != (rows, cols):
-            failed.append(path.name)
+        if frame.shape != (1, rows, cols):
+            failed.append((str(path), f"decoded to {frame.shape[-2]} x {frame.shape[-1]} pixels "
+                                      f"({frame.shape[0]} frame(s)), not one {rows} x {cols} slice"))
             continue
-        frames.append(frame[0])
+        volume[kept] = frame[0]
+        kept += 1
+        del frame
+        for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):  # only the header is kept
+            if kw in ds:
+                delattr(ds, kw)
         datasets.append(ds)
         if positions is not None:
             kept_positions.append(positions[rank])
-    if not frames:
-        raise SeriesError(f"none of the {n} slices of the series could be decoded", root)
+    if not kept:
+        raise SeriesError(f"none of the {found} slices of the series could be decoded", root)
     if failed:
-        shown = ", ".join(failed[:5]) + (" ..." if len(failed) > 5 else "")
-        notes.append(f"{len(failed)} of {n} slices could not be decoded and are left out: {shown}")
+        shown = ", ".join(Path(p).name for p, _ in failed[:5]) + (" ..." if len(failed) > 5 else "")
+        notes.append(
+            f"{len(failed)} of {found} slices could not be decoded and are left out: {shown}; a finding on "
+            "those slices cannot be seen"
+        )
     for note in dict.fromkeys(slice_notes):
         notes.append(note)
 
-    volume = np.stack(frames)
+    volume = volume[:kept]
     mid = datasets[len(datasets) // 2]
     modality = _text(mid, "Modality").upper() or info.modality
     photometric = _text(mid, "PhotometricInterpretation").upper() or "MONOCHROME2"
@@ -323,4 +372,6 @@ def _load_volume(info: SeriesInfo, headers: list[Dataset], notes: list[str], roo
         uids=uids,
         slice_positions=slice_positions,
         voi_lut=voi_lut,
+        dropped=failed,
+        n_found=found,
     )

@@ -61,6 +61,10 @@ class Study:
         uids: StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID(s) when DICOM.
         slice_positions: patient-axis position of each frame (mm) for volumes, else None.
         voi_lut: optional DICOM VOI LUT (lookup table applied to modality values) for display.
+        dropped: slices of a series that could not be decoded and are not in ``frames``:
+            (file path, reason) each. A series answer over the remaining slices cannot see a finding
+            on these, so every consumer must show that slices were dropped.
+        n_found: number of slices found for a series (``n_frames`` of them were used), else None.
     """
 
     frames: np.ndarray
@@ -78,6 +82,8 @@ class Study:
     uids: dict[str, str] = field(default_factory=dict)
     slice_positions: list[float] | None = None
     voi_lut: VoiLut | None = None
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    n_found: int | None = None
 
     def __post_init__(self) -> None:
         frames = np.asarray(self.frames)

@@ -60,16 +60,11 @@ def save_ood_stats(path: str | Path, stats: dict[str, np.ndarray]) -> Path:
 
 
 def load_ood_stats(path: str | Path) -> dict[str, np.ndarray]:
-    """Read an ``ood.npz`` without unpickling anything; ValueError when arrays are missing/malformed."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        missing = {"mean", "precision"} - set(data.files)
-        if missing:
-            raise ValueError(f"{Path(path).name} lacks arrays: {', '.join(sorted(missing))}")
-        mean = np.asarray(data["mean"], dtype=np.float32)
-        prec = np.asarray(data["precision"], dtype=np.float32)
-    if mean.ndim != 1 or prec.shape != (mean.shape[0], mean.shape[0]):
-        raise ValueError(f"{Path(path).name}: mean {mean.shape} and precision {prec.shape} do not match")
-    return {"mean": mean, "precision": prec}
+    """Read an ``ood.npz`` without unpickling anything; ValueError when arrays are missing/malformed
+    (see `kdviewer.models.ood_stats.read_ood_stats`: headers checked before anything is allocated)."""
+    from kdviewer.models.ood_stats import read_ood_stats
+
+    return read_ood_stats(path)
 
 
 @dataclass

@@ -26,6 +26,7 @@ flag when labels differ or TV > ``manifest.disagreement_threshold``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,16 @@ CHUNK = 32
 #: "auto" deploys INT8 when the exporter recommended it (``int8_parity["recommended"] == 1``), or, for
 #: bundles without that flag, when its recorded top-1 agreement with fp32 is at least this.
 INT8_MIN_AGREEMENT = 0.98
+
+
+def cap_to_cores(n: int, what: str) -> int:
+    """``n`` capped at the machine's cores, with a warning: more decoder processes or inference threads
+    than cores only cost memory (``--workers 32`` on 2 cores started 32 decoders, 2.1 GB)."""
+    cores = os.cpu_count() or 1
+    if n > cores:
+        log.warning("%d %s requested but this machine has %d cores; using %d", n, what, cores, cores)
+        return cores
+    return n
 
 
 # ------------------------------------------------------------------------------------------- maths
@@ -173,7 +184,7 @@ class Classifier:
         self.multi_label = self.manifest.task == "multi-label"
         self.temperature = float(self.manifest.calibration.temperature)
         self.calibrated = self.temperature != 1.0 or self.manifest.calibration.ece_after is not None
-        self.threads = threads
+        self.threads = cap_to_cores(max(1, int(threads)), "inference threads (--threads)")
         self.device = device
         self._torch_models: dict[str, Any] = {}
         self._teacher_rt: Runtime | None = None
@@ -212,7 +223,16 @@ class Classifier:
             stats = load_ood_stats(self.bundle.path(spec.stats))
         except (ValueError, OSError) as exc:
             raise BundleError(f"{self.bundle.source}: OOD statistics {spec.stats} unreadable: {exc}") from exc
-        return OodGuard(stats, float(spec.threshold))
+        guard = OodGuard(stats, float(spec.threshold))
+        # statistics fitted for another feature size would leave the guard silently off: refuse them
+        _, feats = self.student.predict(np.zeros((1, *self.input_shape), np.float32))
+        if feats.ndim != 2 or feats.shape[1] != guard.dim:
+            raise BundleError(
+                f"{self.bundle.source}: ood.stats {spec.stats} describes {guard.dim} features but the "
+                f"student gives {feats.shape[-1] if feats.ndim else 0}; the OOD statistics belong to "
+                "another model (re-export the bundle)"
+            )
+        return guard
 
     def torch_model(self, role: Literal["student", "teacher"] = "student") -> Any:
         """The torch network of ``role`` (built once from the bundle's state dict; for saliency)."""
@@ -255,8 +275,11 @@ class Classifier:
         spec = self.manifest.ood
         if spec is not None and spec.method == "energy":
             return energy_scores(logits)
-        if self.ood is None or feats.shape[1] != self.ood.dim:
+        if self.ood is None:
             return None
+        if feats.shape[1] != self.ood.dim:
+            raise InferenceError(f"the model gave {feats.shape[1]} features but the OOD guard expects "
+                                 f"{self.ood.dim}")
         return self.ood.score(feats)
 
     def _label(self, probs: np.ndarray) -> tuple[str, int, list[str]]:

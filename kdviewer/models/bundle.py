@@ -14,6 +14,7 @@ Every problem is a `BundleError` whose message lists human-readable lines (what 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,6 +45,14 @@ MANIFEST_NAME = "manifest.json"
 MAX_MEMBER_BYTES = 2 * 1024**3
 #: Largest total extracted size of a zip.
 MAX_TOTAL_BYTES = 4 * 1024**3
+#: A member larger than this that expands more than `MAX_RATIO`-fold is a zip bomb (weights and ONNX
+#: files compress less than 2-fold).
+BOMB_MIN_BYTES = 16 * 1024**2
+MAX_RATIO = 50
+#: Size cap of the per-user cache of extracted .zip bundles (least recently used ones go first).
+MAX_CACHE_BYTES = 4 * 1024**3
+#: Largest manifest.json (a real one is a few kB; the training history can make it a few hundred).
+MAX_MANIFEST_BYTES = 4 * 1024**2
 #: The default model: trained on real paediatric chest radiographs (resources/models/kermany_cxr).
 DEFAULT_BUNDLE = ("models", "kermany_cxr")
 #: The synthetic demo bundle (resources/demo/cxr_demo): tests and phantoms only, labelled DEMO.
@@ -68,10 +77,14 @@ def _check_member(info: zipfile.ZipInfo) -> str | None:
     mode = (info.external_attr >> 16) & 0xFFFF
     if mode and stat.S_ISLNK(mode):
         return "symbolic link"
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    # Python's zipfile.writestr stores permission bits without a file type (S_IFMT == 0): a regular file
+    if mode and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         return "not a regular file"
     if info.file_size > MAX_MEMBER_BYTES:
         return f"too large ({info.file_size / 1e6:.0f} MB > {MAX_MEMBER_BYTES / 1e6:.0f} MB)"
+    if info.file_size > BOMB_MIN_BYTES and info.file_size > MAX_RATIO * max(1, info.compress_size):
+        return (f"expands {info.file_size / max(1, info.compress_size):.0f}-fold to "
+                f"{info.file_size / 1e6:.0f} MB (weights compress less than {MAX_RATIO}-fold: a zip bomb)")
     return None
 
 
@@ -114,6 +127,106 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
                 raise BundleError(f"{zip_path}: member {info.filename!r} is damaged ({exc})") from exc
 
 
+def cache_dir() -> Path:
+    """Where extracted .zip bundles are kept: $KDVIEWER_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/kdviewer."""
+    env = os.environ.get("KDVIEWER_CACHE")
+    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (base if env else base / "kdviewer") / "bundles"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def clean_cache(keep: Path | None = None, max_bytes: int | None = None) -> None:
+    """Remove extractions left by killed runs (their process is gone) and, above the size cap, the
+    least recently used bundles (never ``keep``)."""
+    root = cache_dir()
+    if not root.is_dir():
+        return
+    cap = MAX_CACHE_BYTES if max_bytes is None else max_bytes
+    entries: list[tuple[float, int, Path]] = []
+    for entry in root.iterdir():
+        if entry.name.startswith(".tmp-"):
+            try:
+                pid = int(entry.name.split("-")[-2])
+            except (ValueError, IndexError):
+                pid = -1
+            if pid < 0 or not _pid_alive(pid):
+                shutil.rmtree(entry, ignore_errors=True)
+            continue
+        if entry.is_dir() and entry != keep:
+            try:
+                used = entry.stat().st_mtime
+            except OSError:
+                continue
+            entries.append((used, _tree_bytes(entry), entry))
+    total = sum(n for _, n, _ in entries) + (_tree_bytes(keep) if keep is not None and keep.exists() else 0)
+    for _, n, entry in sorted(entries):
+        if total <= cap:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= n
+
+
+def _content_key(zip_path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(zip_path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def _extract_cached(zip_path: Path) -> Path:
+    """The folder holding ``zip_path``'s contents: extracted once per content hash into the per-user
+    cache (atomically: a killed extraction leaves only a ``.tmp-`` folder that the next open removes)."""
+    try:
+        key = _content_key(zip_path)
+    except OSError as exc:
+        raise BundleError(f"{zip_path}: cannot read the bundle ({exc.strerror or exc})") from exc
+    root = cache_dir()
+    final = root / key
+    if (final / ".complete").is_file():
+        os.utime(final)  # most recently used
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=root))
+    except OSError as exc:
+        raise BundleError(f"cannot create the bundle cache {root} ({exc.strerror or exc})") from exc
+    try:
+        _safe_extract(zip_path, tmp)
+        (tmp / ".complete").write_text(str(zip_path), encoding="utf-8")
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same bundle first
+            if not (final / ".complete").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    clean_cache(keep=final)
+    return final
+
+
 def _find_root(folder: Path) -> Path:
     """The folder holding manifest.json: ``folder`` itself or its single sub-folder (zipped folder)."""
     if (folder / MANIFEST_NAME).is_file():
@@ -144,8 +257,14 @@ def read_manifest(path: str | Path) -> Manifest:
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{path.parent}: not a model bundle (no {MANIFEST_NAME})")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: manifest is {size / 1e6:.1f} MB, above the "
+                          f"{MAX_MANIFEST_BYTES / 1e6:.0f} MB a manifest can need; refused")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError as exc:
+        raise BundleError(f"{path}: manifest is nested too deeply to be a bundle manifest; refused") from exc
     except UnicodeDecodeError as exc:
         raise BundleError(f"{path}: manifest is not UTF-8 text ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
@@ -155,6 +274,8 @@ def read_manifest(path: str | Path) -> Manifest:
         raise BundleError(f"{path}: manifest must be a JSON object, got {type(data).__name__}")
     try:
         return Manifest.model_validate(data)
+    except RecursionError as exc:
+        raise BundleError(f"{path}: manifest is nested too deeply to be a bundle manifest; refused") from exc
     except ValidationError as exc:
         lines = _validation_lines(exc)
         raise BundleError(f"{path}: invalid bundle manifest:\n" + "\n".join(lines)) from exc
@@ -398,33 +519,26 @@ def open_bundle(path: str | Path) -> Bundle:
     if not src.exists():
         raise BundleError(f"{src}: model bundle not found")
     tmp: str | None = None
+    zip_root = None
     if src.is_dir():
         root = src
     elif src.name == MANIFEST_NAME:
         root = src.parent
     elif zipfile.is_zipfile(src):
-        tmp = tempfile.mkdtemp(prefix="kdviewer-bundle-")
-        try:
-            _safe_extract(src, Path(tmp))
-            root = _find_root(Path(tmp))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        clean_cache()
+        extracted = _extract_cached(src)
+        root = _find_root(extracted)
+        zip_root: Path | None = extracted
     else:
         raise BundleError(f"{src}: not a model bundle (expected a folder or a .zip with {MANIFEST_NAME})")
     try:
         manifest = read_manifest(root)
         bundle = Bundle(root=root, manifest=manifest, source=src, _tmp=tmp)
     except BundleError as exc:
-        if not tmp:
+        if zip_root is None:
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
         # Name the .zip the user gave, not our private extraction folder.
         raise BundleError(str(exc).replace(str(root), f"{src}!")) from exc
-    except BaseException:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     missing = []
     for what, name in _named_files(manifest):
         try:
@@ -436,6 +550,15 @@ def open_bundle(path: str | Path) -> Bundle:
     if missing:
         bundle.close()
         raise BundleError(f"{src}: incomplete model bundle:\n" + "\n".join(missing))
+    ood = manifest.ood
+    if ood is not None and ood.method == "mahalanobis" and ood.stats:
+        from kdviewer.models.ood_stats import read_ood_stats
+
+        try:  # the statistics are part of what `info` vouches for: NaN or lying headers are refused here
+            read_ood_stats(bundle.path(ood.stats))
+        except (ValueError, OSError) as exc:
+            bundle.close()
+            raise BundleError(f"{src}: OOD statistics {ood.stats} unreadable: {exc}") from exc
     return bundle
 
 

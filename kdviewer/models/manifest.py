@@ -14,12 +14,33 @@ for anything a current reader would misread.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
+
+#: Model input sizes a bundle may ask for (a 60000-pixel input would allocate 13 GiB per image).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 2048
+#: Calibration temperatures outside this range are not a calibration but a broken number
+#: (1e-320 turns every logit into inf / NaN; 1e300 makes every answer 50/50).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e2
+
+
+def _finite(value: float | None, what: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, not {value}")
+    return value
+
+
+def _printable_name(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        raise ValueError(f"{what} {value!r} contains control characters")
+    return value
 
 
 class Normalization(BaseModel):
@@ -58,6 +79,19 @@ class Preprocessing(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Preprocessing:
+        for what, size in (("input_size", self.input_size), ("resize", self.resize)):
+            if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+                raise ValueError(f"{what} {size} is outside {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} pixels")
+        _finite(self.window_center, "window_center")
+        _finite(self.window_width, "window_width")
+        if self.window_width is not None and self.window_width <= 0:
+            raise ValueError("window_width must be > 0")
+        for v in self.normalization.mean:
+            _finite(v, "normalization.mean")
+        for v in self.normalization.std:
+            _finite(v, "normalization.std")
+            if v <= 0:
+                raise ValueError("normalization.std values must be > 0")
         if self.intensity == "window" and (self.window_center is None or not self.window_width):
             raise ValueError("intensity='window' needs window_center and a positive window_width")
         if self.resize < self.input_size:
@@ -85,12 +119,23 @@ class ModelSpec(BaseModel):
     params: int | None = None
     gflops: float | None = None
 
+    @field_validator("gflops")
+    @classmethod
+    def _finite_gflops(cls, v: float | None) -> float | None:
+        return _finite(v, "gflops")
+
 
 class MetricWithCI(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: float
     ci_low: float | None = None
     ci_high: float | None = None
+
+    @model_validator(mode="after")
+    def _finite_values(self) -> MetricWithCI:
+        for what in ("value", "ci_low", "ci_high"):
+            _finite(getattr(self, what), what)
+        return self
 
 
 class Calibration(BaseModel):
@@ -102,9 +147,18 @@ class Calibration(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _positive(cls, v: float) -> float:
+        _finite(v, "temperature")
         if v <= 0:
             raise ValueError("temperature must be > 0")
+        if not MIN_TEMPERATURE <= v <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature {v:g} is outside {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}: not a "
+                             "calibration a model can have")
         return v
+
+    @field_validator("ece_before", "ece_after")
+    @classmethod
+    def _finite_ece(cls, v: float | None) -> float | None:
+        return _finite(v, "ece")
 
 
 class OodSpec(BaseModel):
@@ -115,6 +169,11 @@ class OodSpec(BaseModel):
     stats: str | None = "ood.npz"
     threshold: float
     score_note: str = "higher = less like the training data"
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite_threshold(cls, v: float) -> float:
+        return _finite(v, "threshold")  # type: ignore[return-value]
 
 
 class Manifest(BaseModel):
@@ -159,6 +218,17 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
+        for name in self.class_names:
+            _printable_name(name, "class name")
+        dupes = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"class_names must be unique; repeated: {', '.join(map(repr, dupes))}")
+        _printable_name(self.name, "name")
+        _finite(self.disagreement_threshold, "disagreement_threshold")
+        if not 0.0 <= self.disagreement_threshold <= 1.0:
+            raise ValueError("disagreement_threshold must be between 0 and 1 (a total-variation distance)")
+        for k, v in self.int8_parity.items():
+            _finite(v, f"int8_parity.{k}")
         if len(self.class_names) < 2 and self.task == "single-label":
             raise ValueError("a single-label task needs at least two class names")
         if self.positive_class is not None and self.positive_class not in self.class_names:
