@@ -12,11 +12,16 @@ cancellation through a `threading.Event`).
   reads the rows already there (dropping a torn last line from a killed run) and skips those cases,
   so every file ends up exactly once.
 
-CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label,
+CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label, refused,
 prob_<class>..., teacher_label, teacher_prob_<class>... (with a teacher), disagreement, divergence,
 ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, heatmap. For a series, ``path`` is the
 folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several series) and the
 probabilities are the series aggregate (see `kdviewer.inference.predict`).
+
+Modality gate: a case whose DICOM modality the bundle does not read (a CT series given to a radiograph
+model) is not run through the model: ``label`` and the probabilities are empty and ``refused`` holds the
+reason. An OOD-flagged case keeps the model's label and probabilities in the CSV (``ood_flag`` true) for
+analysis; every human-facing surface shows it as "no reliable answer".
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CaseType = str  # "image" | "series" | "error"
+#: What every human-facing surface says instead of a label when the OOD guard fired.
+NO_RELIABLE_ANSWER = "no reliable answer"
 
 
 class BatchError(KDViewerError):
@@ -94,6 +101,7 @@ class BatchSummary:
     label_counts: dict[str, int] = field(default_factory=dict)
     # OOD flags over every row of the output (earlier runs of a resumed batch too); None without a guard
     shift: DomainShift | None = None
+    refused: int = 0  # cases the modality gate gave no class (see the 'refused' column)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -219,7 +227,7 @@ def _decode_case(case: Case, pre_json: str) -> dict[str, Any]:
 
 
 def csv_columns(class_names: list[str], teacher: bool) -> list[str]:
-    cols = ["path", "case_type", "study_uid", "series_uid", "sop_uid", "label"]
+    cols = ["path", "case_type", "study_uid", "series_uid", "sop_uid", "label", "refused"]
     cols += [f"prob_{c}" for c in class_names]
     if teacher:
         cols += ["teacher_label"] + [f"teacher_prob_{c}" for c in class_names]
@@ -375,7 +383,7 @@ def run_batch(
     except OSError as exc:
         raise BatchError(f"cannot write {out_csv}: {exc.strerror or exc}") from exc
 
-    stats = {"done": 0, "errors": 0, "ood": 0, "disagree": 0, "images": 0}
+    stats = {"done": 0, "errors": 0, "ood": 0, "disagree": 0, "images": 0, "refused": 0}
     # OOD flags over the whole output, rows of earlier runs included (the set-level domain-shift test)
     earlier_flags = [r["ood_flag"] for r in done_rows if r.get("ood_flag") in ("true", "false")]
     ood_all = {"scored": len(earlier_flags), "flagged": earlier_flags.count("true")}
@@ -404,8 +412,11 @@ def run_batch(
             ood_all["flagged"] += bool(row["ood_flag"])
         if row.get("disagreement"):
             stats["disagree"] += 1
-        if row.get("label"):
-            labels[row["label"]] = labels.get(row["label"], 0) + 1
+        if row.get("refused"):
+            stats["refused"] += 1
+        if row.get("label"):  # an OOD-flagged case is counted as what it is: no reliable answer
+            key = NO_RELIABLE_ANSWER if row.get("ood_flag") else row["label"]
+            labels[key] = labels.get(key, 0) + 1
         report(row["path"])
 
     by_path = {c.path: c for c in todo}
@@ -459,6 +470,10 @@ def run_batch(
             if res["error"]:
                 emit(_row(by_path[res["path"]], res, None, None, names, error=res["error"]))
                 continue
+            reason = clf.refusal(res.get("modality"))
+            if reason is not None:  # the modality gate: no class, the model is not run
+                emit(_row(by_path[res["path"]], res, clf.refused_prediction(reason), None, names))
+                continue
             buffer.append(res)
             if sum(len(b["array"]) for b in buffer) >= batch_size:
                 flush(buffer)
@@ -486,6 +501,7 @@ def run_batch(
         errors=stats["errors"],
         ood_flagged=stats["ood"],
         disagreements=stats["disagree"],
+        refused=stats["refused"],
         elapsed_s=elapsed,
         images_per_s=stats["images"] / elapsed if elapsed > 0 else 0.0,
         cancelled=cancelled,
@@ -542,7 +558,10 @@ def _row(
         "t_infer_ms": infer_ms,
         "n_frames": res.get("n_frames") or None,
     }
-    if pred is not None:
+    if pred is not None and pred.refused is not None:
+        row["label"] = ""
+        row["refused"] = pred.refused
+    elif pred is not None:
         row["label"] = pred.label
         for n, p in zip(names, pred.probabilities, strict=True):
             row[f"prob_{n}"] = float(p)
@@ -594,6 +613,9 @@ def summary_lines(s: BatchSummary, shift: bool = True) -> list[str]:
         lines.append("labels: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.label_counts.items())))
     if s.errors:
         lines.append(f"{s.errors} file(s) could not be read (see the 'error' column)")
+    if s.refused:
+        lines.append(f"{s.refused} case(s) refused by the modality gate: the model does not read their "
+                     "modality (see the 'refused' column)")
     if s.ood_flagged:
         lines.append(f"{s.ood_flagged} case(s) flagged as unlike the training data (ood_flag)")
     if shift and s.shift is not None and s.shift.shifted:

@@ -70,8 +70,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise KDViewerError(f"rendering needs the viewer package, which is not available ({exc})") from exc
     bundle = Path(args.model).expanduser() if args.model else None  # None: the viewer's default (demo)
-    out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency)
+    answer: dict[str, str] = {}
+    out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency, answer=answer)
     print(out if out is not None else args.output)
+    if answer.get("headline"):  # what the picture says, in words (same trust rules as the viewer)
+        detail = f" - {answer['detail']}" if answer.get("detail") else ""
+        print(f"{args.case}: {answer['headline']}{detail}")
     return EXIT_OK
 
 
@@ -153,14 +157,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_OK
     tags = [t for t, on in (("DEMO", clf.bundle.is_demo), ("SYNTHETIC", clf.bundle.is_synthetic)) if on]
     shown = f"  [{', '.join(tags)} model]" if tags else ""
-    print(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}")
-    for name, p in zip(pred.class_names, pred.probabilities, strict=True):
-        print(f"  {name:<20} {p:.3f}")
+    if pred.refused is not None:
+        print(f"{args.file}: no answer - {pred.refused}{shown}")
+        print("  refused by the modality gate: the model was not run on this study")
+        return EXIT_OK
+    if pred.ood_flag:
+        # no confident-looking number on the headline: the guard says the answer is not reliable
+        print(f"{args.file}: no reliable answer - this image is unlike the training data{shown}")
+        print(f"  OOD score {pred.ood_score:.2f} > threshold {pred.ood_threshold:.2f}")
+        print(f"  the model's output anyway (not reliable): {pred.label}")
+        for name, p in zip(pred.class_names, pred.probabilities, strict=True):
+            print(f"    {name:<18} {p:.3f}")
+    else:
+        print(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}")
+        for name, p in zip(pred.class_names, pred.probabilities, strict=True):
+            print(f"  {name:<20} {p:.3f}")
     if pred.aggregate:
         print(f"  series of {len(pred.frames)} slices, aggregate: {pred.aggregate}")
-    if pred.ood_score is not None:
-        flag = "  UNLIKE THE TRAINING DATA - result not reliable" if pred.ood_flag else ""
-        print(f"  OOD score {pred.ood_score:.2f} (threshold {pred.ood_threshold:.2f}){flag}")
+    if pred.ood_score is not None and not pred.ood_flag:
+        print(f"  OOD score {pred.ood_score:.2f} (threshold {pred.ood_threshold:.2f})")
     if args.teacher:
         c = result
         verdict = "DISAGREE" if c["disagree"] else "agree"

@@ -303,6 +303,22 @@ def cxr_bundle() -> TestBundle:
     return _CACHE["cxr"]
 
 
+def ct_reading_bundle() -> Path:
+    """The shared CXR bundle declaring CT among the modalities it reads (for series-aggregate tests; the
+    real CXR bundle refuses CT through the modality gate)."""
+    if "cxr-ct" not in _CACHE:
+        path = copy_bundle(cxr_bundle().path, scratch() / "cxr-ct", modality=["CR", "DX", "CT"])
+        _CACHE["cxr-ct"] = TestBundle(path, *list(vars(cxr_bundle()).values())[1:])
+    return _CACHE["cxr-ct"].path
+
+
+def write_ct_png(path: Path, slice_hu: np.ndarray) -> Path:
+    """A CT slice saved as an ordinary picture (lung window, no DICOM modality: the gate lets it through,
+    the OOD guard judges it)."""
+    lo, hi = -1350.0, 150.0
+    return write_png(path, (np.clip((slice_hu - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8))
+
+
 def os_replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder into place atomically (another process may have won the race)."""
     import os

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bundles import ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_dicom, write_png
+from _bundles import (
+    ct_reading_bundle,
+    ct_volume,
+    cxr_bundle,
+    cxr_phantom,
+    write_ct_png,
+    write_ct_series,
+    write_dicom,
+    write_png,
+)
 from PIL import Image
 
 from kdviewer.batch import BatchError, BatchProgress, csv_columns, run_batch, scan
@@ -71,7 +80,7 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     for bad in ("corrupt.dcm", "notes.txt", "empty.png"):
         assert by_name[bad]["error"] and by_name[bad]["case_type"] == "error" and not by_name[bad]["label"]
     assert s.errors == 3
-    for good in ("case0.png", "case1.png", "case2.png", "photo.jpg", "cr1.dcm", "series1"):
+    for good in ("case0.png", "case1.png", "case2.png", "photo.jpg", "cr1.dcm"):
         r = by_name[good]
         assert not r["error"] and r["label"] in ("normal", "nodule")
         assert abs(float(r["prob_normal"]) + float(r["prob_nodule"]) - 1) < 1e-4
@@ -80,13 +89,16 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     assert by_name["series1"]["case_type"] == "series" and by_name["series1"]["n_frames"] == "4"
     assert by_name["series1"]["series_uid"] and by_name["series1"]["study_uid"]
     assert by_name["cr1.dcm"]["sop_uid"] and by_name["cr1.dcm"]["series_uid"]
-    assert by_name["series1"]["ood_flag"] == "true"  # a CT series given to an X-ray model
+    # a CT series given to an X-ray model: refused by the modality gate, never scored
+    ct = by_name["series1"]
+    assert ct["refused"] and ct["label"] == "" and not ct["error"]
+    assert by_name["series1"]["ood_flag"] == "" and s.refused == 1
     data = json.loads(js.read_text())
     assert len(data) == 9 and isinstance(data[0]["prob_normal"], float | type(None))
     assert seen and seen[-1].done == 9 and seen[-1].total == 9 and seen[-1].rate > 0
     # the set-level OOD check counts every scored row (errors have no score)
     flags = [r["ood_flag"] for r in rows if r["ood_flag"]]
-    assert s.shift is not None and s.shift.scored == len(flags) == 6
+    assert s.shift is not None and s.shift.scored == len(flags) == 5
     assert s.shift.flagged == flags.count("true") == s.ood_flagged
     # restart with the same output: nothing is redone, nothing duplicated
     before = out.read_bytes()
@@ -97,13 +109,14 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
 
 
 def test_a_folder_unlike_the_training_data_is_a_domain_shift(tmp_path: Path) -> None:
-    """CT slices given to the X-ray model: flagged one by one, and the folder as a whole is shifted."""
+    """CT series given to an X-ray model that (wrongly) declares CT: flagged one by one, and the folder as a
+    whole is shifted."""
     from kdviewer.batch import summary_lines
 
     folder = tmp_path / "ct"
     for i in range(3):
         write_ct_series(folder / f"series{i}", ct_volume(np.random.default_rng(i), n=3, size=64))
-    s = run_batch(folder, cxr_bundle().path, tmp_path / "ct.csv", workers=0)
+    s = run_batch(folder, ct_reading_bundle(), tmp_path / "ct.csv", workers=0)
     assert s.processed == 3 and s.shift is not None and s.shift.scored == 3
     assert s.shift.flagged == 3 and s.shift.shifted
     assert any(line.startswith("DOMAIN SHIFT: 3 of 3") for line in summary_lines(s))
@@ -143,8 +156,10 @@ def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None
     s = run_batch(mixed, cxr_bundle().path, out, teacher=True, heatmaps_dir=heat, json_out=jl, workers=0)
     rows = _rows(out)
     assert "teacher_prob_nodule" in rows[0]
-    good = [r for r in rows if not r["error"]]
-    assert len(good) == 6
+    good = [r for r in rows if not r["error"] and not r["refused"]]
+    assert len(good) == 5
+    refused = next(r for r in rows if r["refused"])  # the CT series: no teacher answer, no heatmap either
+    assert refused["teacher_label"] == "" and refused["heatmap"] == "" and refused["disagreement"] == ""
     for r in good:
         assert r["teacher_label"] in ("normal", "nodule") and r["disagreement"] in ("true", "false")
         assert 0.0 <= float(r["divergence"]) <= 1.0
@@ -214,3 +229,26 @@ def test_real_chest_xrays(shared_data: Path, tmp_path: Path) -> None:
     assert len(rows) == len(images) + len(others) == s.processed
     assert all(not r["error"] and r["label"] for r in rows if r["case_type"] == "image")
     assert all(r["error"] for r in rows if r["case_type"] == "error")  # e.g. labels.csv
+
+
+def test_modality_gate_and_ood_rows(tmp_path: Path) -> None:
+    """A CT series given to the X-ray bundle gets no class (empty label, the reason in 'refused', no
+    probabilities); a CT slice saved as PNG passes the gate and is OOD-flagged, and the summary counts it
+    as "no reliable answer", not as a label."""
+    from kdviewer.batch import NO_RELIABLE_ANSWER, summary_lines
+
+    folder = tmp_path / "in"
+    write_ct_series(folder / "ct", ct_volume(np.random.default_rng(0), n=3, size=64))
+    write_ct_png(folder / "ct_slice.png", ct_volume(np.random.default_rng(1), n=1, size=64)[0])
+    out = tmp_path / "res.csv"
+    s = run_batch(folder, cxr_bundle().path, out, workers=0)
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    ct = rows["ct"]
+    assert ct["case_type"] == "series" and ct["label"] == "" and not ct["error"]
+    assert ct["refused"] == "this model reads chest radiographs (CR, DX); this image is CT"
+    assert ct["prob_normal"] == ct["prob_nodule"] == "" and ct["ood_flag"] == ""
+    png = rows["ct_slice.png"]
+    assert png["refused"] == "" and png["label"] and png["ood_flag"] == "true"
+    assert s.refused == 1 and s.errors == 0 and s.label_counts == {NO_RELIABLE_ANSWER: 1}
+    text = "\n".join(summary_lines(s))
+    assert "1 case(s) refused by the modality gate" in text and "labels: no reliable answer: 1" in text

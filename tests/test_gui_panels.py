@@ -51,7 +51,12 @@ def test_predictions_and_teacher_comparison(qtbot, window, gui_data, tiny_bundle
     assert len(panel.rows) == 2
     shown = [bar.value for _l, bar, _t in panel.rows]
     np.testing.assert_allclose(shown, pred.probabilities, atol=1e-6)
-    assert pred.label in panel.headline.text()
+    if pred.ood_flag:  # the trust rule: no label in the headline when the OOD guard fired
+        assert panel.headline.text() == "No reliable answer"
+        panel.details_toggle.setChecked(True)
+    else:
+        assert pred.label in panel.headline.text()
+    assert panel.details_shown
     assert "Inference:" in panel.timing.text() and "student" in panel.timing.text()
     assert panel.badge.isHidden()
     assert "student" in window.status_timing.text()

@@ -203,14 +203,15 @@ def test_batch_panel_refuses_missing_inputs(qtbot, tmp_path: Path) -> None:
 
 
 def test_batch_panel_warns_of_a_domain_shift(qtbot, tmp_path: Path) -> None:
-    """A folder of CT series given to the trained X-ray test model: a visible domain-shift warning."""
-    from _bundles import ct_volume, cxr_bundle, write_ct_series
+    """CT slices saved as pictures (no DICOM modality, so the modality gate lets them through) given to the
+    trained X-ray test model: a visible domain-shift warning."""
+    from _bundles import ct_volume, cxr_bundle, write_ct_png
 
     from kdviewer.gui.batch_panel import BatchPanel
 
     folder = tmp_path / "ct"
     for i in range(3):
-        write_ct_series(folder / f"series{i}", ct_volume(np.random.default_rng(i), n=3, size=64))
+        write_ct_png(folder / f"slice{i}.png", ct_volume(np.random.default_rng(i), n=1, size=64)[0])
     panel = BatchPanel()
     qtbot.addWidget(panel)
     panel.folder.setText(str(folder))

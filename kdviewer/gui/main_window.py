@@ -625,6 +625,14 @@ class MainWindow(QMainWindow):
             panel.set_agreement(None)
             return
         clf, study = self.classifier, self.study
+        reason = clf.refusal(study)
+        if reason is not None:  # the modality gate: no class, so no map of a class either
+            self.runner.cancel("saliency")
+            self.saliency_result = None
+            self.canvas.set_panes([Pane()])
+            panel.status.setText(f"No saliency map: the model gives no class for this image ({reason}).")
+            panel.set_agreement(None)
+            return
         mode = panel.mode()
         # Only the maps on screen are computed first; the other model's map (for the agreement score)
         # follows in a second job so the overlay appears as early as possible.
