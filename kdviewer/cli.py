@@ -53,6 +53,13 @@ def _bundle_arg(value: str | None) -> Path:
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
+    from kdviewer.sysdeps import DisplayUnreachable, SystemLibrariesMissing, check_gui_platform
+
+    try:  # before any QApplication exists: Qt aborts the process (exit 134) when its plugin cannot load
+        check_gui_platform()
+    except (SystemLibrariesMissing, DisplayUnreachable) as exc:
+        print(f"kdviewer: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     try:
         from kdviewer.gui.app import main_gui
     except ImportError as exc:
