@@ -4,8 +4,13 @@ Used by ``kdviewer classify`` and the GUI batch panel (no Qt here; progress goes
 cancellation through a `threading.Event`).
 
 * `scan` walks a folder recursively and recognises images by content (PNG/JPEG/TIFF/DICOM); DICOM
-  slices of one CT series become one *series* case; anything else becomes an *error* row (never a
-  failure of the run).
+  slices of one CT series become one *series* case. Files that are not images (``labels.csv``,
+  ``notes.txt``, a results CSV) and kdviewer's own outputs (heatmap PNGs) are *skipped*: counted and
+  named in the summary, never rows. A file that should be an image (an image extension, or none, as
+  DICOM files often have) but cannot be recognised becomes an *error* row (never a failure of the run).
+* The default output (`default_output`) lies outside the folder being classified:
+  ``./kdviewer-results/<folder name>-<hash of its path>.csv`` (the same command resumes into the same
+  file; next to the folder when the current directory is inside it).
 * `run_batch` decodes and preprocesses in a spawn-safe process pool (workers return float arrays and
   metadata only), runs the deployed student (ONNX Runtime) on batches in the main process, and writes
   each row to the CSV (and optional JSONL) immediately, flushed. A restarted run with the same output
@@ -33,6 +38,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CaseType = str  # "image" | "series" | "error"
+CaseType = str  # "image" | "series" | "error" | "skipped" (not an image: counted, never a row)
 #: What every human-facing surface says instead of a label when the OOD guard fired.
 NO_RELIABLE_ANSWER = "no reliable answer"
 
@@ -102,6 +108,7 @@ class BatchSummary:
     # OOD flags over every row of the output (earlier runs of a resumed batch too); None without a guard
     shift: DomainShift | None = None
     refused: int = 0  # cases the modality gate gave no class (see the 'refused' column)
+    skipped_files: list[str] = field(default_factory=list)  # not images / our own outputs (no rows)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,6 +124,40 @@ class BatchSummary:
 
 def _one_line(msg: object) -> str:
     return " ".join(str(msg).split())
+
+
+#: Extensions of files that are meant to be images: unrecognised ones are errors, not skipped files.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic", ".ima"})
+#: The PNG text chunk that marks kdviewer's own heatmaps (never classified as cases).
+HEATMAP_MARK = ("Software", "kdviewer heatmap")
+_HEATMAP_NAME = re.compile(r"\.[0-9a-f]{8}\.png$")
+
+
+def default_output(folder: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> Path:
+    """Where results of ``folder`` go by default: ``<base>/kdviewer-results/<name>-<hash>.csv``.
+
+    ``base`` is the current directory (the CLI) or the home folder (the GUI); when it lies inside
+    ``folder``, the parent of ``folder`` is used instead, so results never land in the input. The
+    name is stable (the hash is of the folder's absolute path), so rerunning resumes.
+    """
+    src = Path(folder).expanduser().resolve()
+    root = Path(base).expanduser().resolve() if base is not None else Path.cwd().resolve()
+    if root == src or src in root.parents:
+        root = src.parent
+    tag = hashlib.sha1(str(src).encode("utf-8")).hexdigest()[:6]
+    return root / "kdviewer-results" / f"{src.name or 'root'}-{tag}.csv"
+
+
+def _is_our_heatmap(path: Path) -> bool:
+    if not _HEATMAP_NAME.search(path.name):
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.info.get(HEATMAP_MARK[0]) == HEATMAP_MARK[1]
+    except Exception:
+        return False
 
 
 def _why_not_image(path: Path) -> str:
@@ -149,7 +190,12 @@ def scan(folder: str | os.PathLike[str]) -> list[Case]:
     for p in files:
         kind = sniff(p)
         if kind is None:
-            cases.append(Case(str(p), "error", (str(p),), _why_not_image(p)))
+            if p.suffix == "" or p.suffix.lower() in IMAGE_SUFFIXES:
+                cases.append(Case(str(p), "error", (str(p),), _why_not_image(p)))
+            else:  # labels.csv, notes.txt, a results file: not a case
+                cases.append(Case(str(p), "skipped", (str(p),), "not an image"))
+        elif kind == "png" and _is_our_heatmap(p):
+            cases.append(Case(str(p), "skipped", (str(p),), "a kdviewer heatmap"))
         elif kind == "dicom":
             dicoms.append(p)
         else:
@@ -373,6 +419,14 @@ def run_batch(
     done_rows = read_done(out_csv, columns)
     done = {_norm(r["path"]) for r in done_rows}
     all_cases = scan(folder) if cases is None else cases
+    # never classify what is not an image, nor this run's own outputs (when they lie inside the folder)
+    ours = {_norm(str(p)) for p in (out_csv, json_path) if p is not None}
+    heat_root = os.path.abspath(heatmaps_dir) + os.sep if heatmaps_dir else None
+    skipped_files = [c.path for c in all_cases if c.case_type == "skipped" or _norm(c.path) in ours
+                     or (heat_root is not None and os.path.abspath(c.path).startswith(heat_root))]
+    if skipped_files:
+        gone = set(skipped_files)
+        all_cases = [c for c in all_cases if c.path not in gone]
     todo = [c for c in all_cases if _norm(c.path) not in done]
     skipped = len(all_cases) - len(todo)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
@@ -502,6 +556,7 @@ def run_batch(
         ood_flagged=stats["ood"],
         disagreements=stats["disagree"],
         refused=stats["refused"],
+        skipped_files=skipped_files,
         elapsed_s=elapsed,
         images_per_s=stats["images"] / elapsed if elapsed > 0 else 0.0,
         cancelled=cancelled,
@@ -578,7 +633,7 @@ def _row(
 
 def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
     """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible."""
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     from kdviewer.imaging.windowing import display_frame
     from kdviewer.inference.saliency import overlay, saliency
@@ -598,7 +653,9 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any) -> str:
     stem = Path(case.path.split("#", 1)[0]).name or "case"
     tag = hashlib.sha1(case.path.encode("utf-8")).hexdigest()[:8]
     out = heat_dir / f"{stem}.{tag}.png"
-    Image.fromarray(rgb).save(out)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*HEATMAP_MARK)  # so that a later batch over a folder holding it skips it
+    Image.fromarray(rgb).save(out, pnginfo=info)
     return str(out)
 
 
@@ -613,6 +670,10 @@ def summary_lines(s: BatchSummary, shift: bool = True) -> list[str]:
         lines.append("labels: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.label_counts.items())))
     if s.errors:
         lines.append(f"{s.errors} file(s) could not be read (see the 'error' column)")
+    if s.skipped_files:
+        names = ", ".join(Path(p).name for p in s.skipped_files[:5])
+        more = f" and {len(s.skipped_files) - 5} more" if len(s.skipped_files) > 5 else ""
+        lines.append(f"{len(s.skipped_files)} file(s) skipped, not images: {names}{more}")
     if s.refused:
         lines.append(f"{s.refused} case(s) refused by the modality gate: the model does not read their "
                      "modality (see the 'refused' column)")

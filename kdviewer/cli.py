@@ -1,7 +1,7 @@
 """The ``kdviewer`` command: the viewer (default), folder classification, single-case prediction, info.
 
     kdviewer [gui] [PATH ...] [--model BUNDLE]          open the viewer (the default subcommand)
-    kdviewer classify FOLDER -o results.csv [...]        batch classification, resumable
+    kdviewer classify FOLDER [-o results.csv] [...]      batch classification, resumable
     kdviewer predict FILE [--teacher] [--json]           one case (file or CT-series folder)
     kdviewer render CASE -o out.png [--saliency M]       a case rendered to PNG (no window)
     kdviewer info PATH                                   an image/series summary, or a bundle's manifest
@@ -87,11 +87,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from kdviewer.batch import BatchProgress, run_batch, summary_lines
+    from kdviewer.batch import BatchProgress, default_output, run_batch, summary_lines
 
     folder = Path(args.folder)
     if not folder.exists():
         raise KDViewerError(f"{folder}: folder not found")
+    if not args.output:
+        args.output = default_output(folder)
+        print(f"results go to {args.output}", file=sys.stderr)
     bundle = _bundle_arg(args.model)
     bar = None
     last = {"done": 0}
@@ -284,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="classify every image under a folder into a CSV (resumable)")
     p.add_argument("folder", help="folder searched recursively (PNG, JPEG, TIFF, DICOM; CT series grouped)")
-    p.add_argument("-o", "--output", required=True, help="results CSV (rerun with the same file to resume)")
+    p.add_argument("-o", "--output",
+                   help="results CSV (rerun with the same file to resume); default: "
+                   "./kdviewer-results/<folder name>-<hash>.csv, outside the folder being classified")
     _add_model(p)
     p.add_argument("--teacher", action="store_true", help="also run the teacher and flag disagreements")
     p.add_argument("--json", metavar="FILE", help="also write JSON (.jsonl: one object per line, as it goes)")

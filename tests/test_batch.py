@@ -61,11 +61,12 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_scan_groups_series_and_reports_non_images(mixed: Path) -> None:
     cases = scan(mixed)
     by_type = Counter(c.case_type for c in cases)
-    assert by_type == {"image": 6, "series": 1, "error": 2}
+    assert by_type == {"image": 6, "series": 1, "error": 1, "skipped": 1}
     series = next(c for c in cases if c.case_type == "series")
     assert series.path == str(mixed / "ct" / "series1") and len(series.files) == 4
     errors = {Path(c.path).name: c.error for c in cases if c.case_type == "error"}
-    assert "0 bytes" in errors["empty.png"] and "not a supported image" in errors["notes.txt"]
+    assert "0 bytes" in errors["empty.png"]  # meant to be an image: an error
+    assert [Path(c.path).name for c in cases if c.case_type == "skipped"] == ["notes.txt"]  # not an image
     assert not any(".hidden" in c.path for c in cases)
 
 
@@ -75,11 +76,11 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     s = run_batch(mixed, cxr_bundle().path, out, json_out=js, workers=2, batch_size=4, progress=seen.append)
     rows = _rows(out)
     assert list(rows[0]) == csv_columns(["normal", "nodule"], teacher=False)
-    assert len(rows) == 9 == s.total_cases == s.processed and s.skipped == 0
+    assert len(rows) == 8 == s.total_cases == s.processed and s.skipped == 0
     by_name = {Path(r["path"].split("#")[0]).name: r for r in rows}
-    for bad in ("corrupt.dcm", "notes.txt", "empty.png"):
+    for bad in ("corrupt.dcm", "empty.png"):
         assert by_name[bad]["error"] and by_name[bad]["case_type"] == "error" and not by_name[bad]["label"]
-    assert s.errors == 3
+    assert s.errors == 2 and "notes.txt" not in by_name and s.skipped_files == [str(mixed / "notes.txt")]
     for good in ("case0.png", "case1.png", "case2.png", "photo.jpg", "cr1.dcm"):
         r = by_name[good]
         assert not r["error"] and r["label"] in ("normal", "nodule")
@@ -94,8 +95,8 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     assert ct["refused"] and ct["label"] == "" and not ct["error"]
     assert by_name["series1"]["ood_flag"] == "" and s.refused == 1
     data = json.loads(js.read_text())
-    assert len(data) == 9 and isinstance(data[0]["prob_normal"], float | type(None))
-    assert seen and seen[-1].done == 9 and seen[-1].total == 9 and seen[-1].rate > 0
+    assert len(data) == 8 and isinstance(data[0]["prob_normal"], float | type(None))
+    assert seen and seen[-1].done == 8 and seen[-1].total == 8 and seen[-1].rate > 0
     # the set-level OOD check counts every scored row (errors have no score)
     flags = [r["ood_flag"] for r in rows if r["ood_flag"]]
     assert s.shift is not None and s.shift.scored == len(flags) == 5
@@ -103,7 +104,7 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     # restart with the same output: nothing is redone, nothing duplicated
     before = out.read_bytes()
     s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
-    assert s2.processed == 0 and s2.skipped == 9
+    assert s2.processed == 0 and s2.skipped == 8
     assert s2.shift == s.shift  # the set-level OOD check also counts the rows of earlier runs
     assert out.read_bytes() == before
 
@@ -132,7 +133,7 @@ def test_torn_last_line_is_repaired_on_resume(mixed: Path, tmp_path: Path) -> No
     out.write_text(text + text.splitlines()[-1][:17])  # a half-written row after a kill
     run_batch(mixed, cxr_bundle().path, out, workers=0)
     paths = [r["path"] for r in _rows(out)]
-    assert len(paths) == len(set(paths)) == 9
+    assert len(paths) == len(set(paths)) == 8
 
 
 def test_cancel_then_resume(mixed: Path, tmp_path: Path) -> None:
@@ -144,11 +145,11 @@ def test_cancel_then_resume(mixed: Path, tmp_path: Path) -> None:
             stop.set()
 
     s = run_batch(mixed, cxr_bundle().path, out, workers=0, batch_size=1, progress=progress, cancel=stop)
-    assert s.cancelled and 4 <= s.processed < 9
+    assert s.cancelled and 4 <= s.processed < 8
     s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
-    assert s2.skipped == s.processed and s.processed + s2.processed == 9
+    assert s2.skipped == s.processed and s.processed + s2.processed == 8
     paths = [r["path"] for r in _rows(out)]
-    assert len(paths) == len(set(paths)) == 9
+    assert len(paths) == len(set(paths)) == 8
 
 
 def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None
         png = np.asarray(Image.open(r["heatmap"]))
         assert png.ndim == 3 and png.shape[2] == 3
     assert s.disagreements == sum(r["disagreement"] == "true" for r in good)
-    assert len(jl.read_text().splitlines()) == 9
+    assert len(jl.read_text().splitlines()) == 8
     with pytest.raises(BatchError, match="different columns"):
         run_batch(mixed, cxr_bundle().path, out, teacher=False, workers=0)
 
@@ -252,3 +253,37 @@ def test_modality_gate_and_ood_rows(tmp_path: Path) -> None:
     assert s.refused == 1 and s.errors == 0 and s.label_counts == {NO_RELIABLE_ANSWER: 1}
     text = "\n".join(summary_lines(s))
     assert "1 case(s) refused by the modality gate" in text and "labels: no reliable answer: 1" in text
+
+
+def test_default_output_is_outside_the_folder_and_own_outputs_are_never_cases(tmp_path: Path) -> None:
+    """Results and heatmaps written into the folder (as an earlier default did) are not classified by the
+    next run; labels.csv / notes.txt are skipped and named in the summary, not 'could not be read'."""
+    from kdviewer.batch import default_output, summary_lines
+
+    folder = tmp_path / "study"
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        write_png(folder / f"case{i}.png", cxr_phantom(rng, positive=bool(i))[0])
+    (folder / "labels.csv").write_text("path,label\ncase0.png,normal\n")
+    (folder / "notes.txt").write_text("seen by Dr X\n")
+
+    out = default_output(folder, base=tmp_path)
+    assert out == default_output(folder, base=tmp_path)  # stable: the same command resumes
+    assert out.parent == tmp_path / "kdviewer-results" and out.name.startswith("study-")
+    inside = default_output(folder, base=folder / "sub")  # run from inside the folder: next to it
+    assert folder.resolve() not in inside.parents and inside.parent == tmp_path.resolve() / "kdviewer-results"
+    assert default_output(tmp_path / "other" / "study", base=tmp_path) != out  # same name, other folder
+
+    # an earlier run that wrote its CSV and heatmaps *inside* the folder
+    s1 = run_batch(folder, cxr_bundle().path, folder / "results.csv", heatmaps_dir=folder / "heat", workers=0)
+    assert s1.processed == 2 and s1.errors == 0
+    assert sorted(Path(p).name for p in s1.skipped_files) == ["labels.csv", "notes.txt"]
+    assert len(list((folder / "heat").glob("*.png"))) == 2
+    # the next run, elsewhere: the old CSV and heatmaps are skipped, not cases or errors
+    s2 = run_batch(folder, cxr_bundle().path, out, workers=0)
+    assert s2.processed == 2 and s2.errors == 0
+    assert sorted(Path(p).name for p in s2.skipped_files) == sorted(
+        ["labels.csv", "notes.txt", "results.csv"] + [p.name for p in (folder / "heat").glob("*.png")])
+    text = "\n".join(summary_lines(s2))
+    assert "could not be read" not in text and "5 file(s) skipped, not images" in text
+    assert {Path(r["path"]).name for r in _rows(out)} == {"case0.png", "case1.png"}

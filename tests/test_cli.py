@@ -47,11 +47,25 @@ def test_classify(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) ->
                  "--json", str(js), "--workers", "0", "--no-progress", "--fp32"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "classified" in text and "could not be read" in text
+    assert "classified" in text and "1 file(s) skipped, not images: readme.txt" in text
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 4 and sum(bool(r["error"]) for r in rows) == 1
-    assert len(json.loads(js.read_text())) == 4
+    assert len(rows) == 3 and sum(bool(r["error"]) for r in rows) == 0
+    assert len(json.loads(js.read_text())) == 3
+
+
+def test_classify_default_output_lies_outside_the_folder(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdviewer.batch import default_output
+
+    monkeypatch.chdir(files["root"] / "cases")  # run from inside the folder being classified
+    assert main(["classify", ".", "--model", str(cxr_bundle().path), "--workers", "0", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    expected = default_output(files["root"] / "cases")
+    assert expected.is_file() and expected.parent == files["root"].resolve() / "kdviewer-results"
+    assert f"results go to {expected}" in cap.err and str(expected) in cap.out
+    assert not list((files["root"] / "cases").glob("*.csv"))
 
 
 def test_predict_json_and_text(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,7 +114,7 @@ def test_info_image_dicom_and_bundle(files: dict[str, Path], capsys: pytest.Capt
 def test_errors_are_one_line_with_exit_codes(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["classify", str(files["root"])]) == 2  # -o is required
+    assert main(["classify"]) == 2  # the folder is required (-o is not: it has a default)
     assert "required" in capsys.readouterr().err
     assert main(["classify", str(files["root"]), "-o", "x.csv", "--workers", "-1"]) == 2
     capsys.readouterr()

@@ -51,10 +51,10 @@ def _make_folder(root: Path, n_good: int = 8) -> tuple[Path, list[Path], list[Pa
         p = folder / f"case_{i:02d}.png"
         Image.fromarray(arr).save(p)
         good.append(p)
-    bad = [folder / "broken.png", folder / "empty.dcm", folder / "notes.txt"]
+    bad = [folder / "broken.png", folder / "empty.dcm"]
     bad[0].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)  # PNG signature, damaged body
     bad[1].write_bytes(b"")
-    bad[2].write_text("not an image at all\n")
+    (folder / "notes.txt").write_text("not an image at all\n")  # skipped: not a case, not an error
     return folder, good, bad
 
 
@@ -86,6 +86,7 @@ def test_batch_panel_runs_sorts_filters_opens_and_exports(qtbot, tmp_path: Path,
     assert len(errors) == len(bad)
     assert {Path(r["path"]).name for r in errors} == {p.name for p in bad}
     assert "file(s) could not be classified" in panel.count_label.text()
+    assert "1 file(s) skipped, not images: notes.txt" in panel.status.text()
     assert panel.progress.value() == panel.progress.maximum()
 
     # Errors only / hide errors.

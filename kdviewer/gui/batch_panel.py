@@ -334,7 +334,10 @@ class BatchPanel(QWidget):
 
     def _suggest_output(self, folder: str) -> None:
         if folder and (not self.output.text() or self.output.text() == self._suggested):
-            self._suggested = str(Path(folder).expanduser() / "kdviewer_results.csv")
+            from kdviewer.batch import default_output
+
+            # outside the input folder (a results file inside it would be scanned by the next run)
+            self._suggested = str(default_output(folder, Path.home()))
             self.output.setText(self._suggested)
 
     # -- run -----------------------------------------------------------------------------------------
