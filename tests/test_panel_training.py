@@ -201,6 +201,7 @@ def _check_plots_readable(qtbot, panel) -> None:
     """Legends beside (not over) the curves; the learning rate on a log axis; epochs numbered per stage
     (1 teacher epoch, then the student's epochs read 1, 2 — not 2, 3)."""
     c = panel.curves
+    shown = panel.tabs.currentIndex()
     panel.tabs.setCurrentIndex(0)
     qtbot.wait(50)
     for plot in (c.loss_plot, c.val_plot, c.lr_plot):
@@ -213,6 +214,7 @@ def _check_plots_readable(qtbot, panel) -> None:
     student_x = [x for name, s in c.val.items() if not name.startswith("teacher") for x in s.x]
     assert [c.epoch_axis.epoch_label(x) for x in sorted(set(student_x))] == ["1", "2"]
     assert c.epoch_axis.epoch_label(1.0) == "1"  # the teacher's epoch
+    panel.tabs.setCurrentIndex(shown)
 
 
 def _check_report_readable(qtbot, report, bundle: str) -> None:
@@ -223,8 +225,14 @@ def _check_report_readable(qtbot, report, bundle: str) -> None:
     needed = sum(t.rowHeight(r) for r in range(t.rowCount()))
     assert t.viewport().height() >= needed, (t.viewport().height(), needed)
     assert report.bundle_label.toolTip() == f"Bundle: {bundle}"
-    assert not report.synthetic_note.isHidden()
+    import json
+
+    synthetic = json.loads((Path(bundle) / "manifest.json").read_text())["synthetic_data"]
+    assert report.synthetic_note.isHidden() != bool(synthetic)
+    report.synthetic_note.show()  # the layout keeps the two on separate lines either way
+    qtbot.wait(50)
     assert not report.bundle_label.geometry().intersects(report.synthetic_note.geometry())
+    report.synthetic_note.setVisible(bool(synthetic))
     assert report.bundle_label.width() <= report.width()
 
 

@@ -366,7 +366,7 @@ class MainWindow(QMainWindow):
         row = self.study_list.list.currentRow()
         if n <= 1:
             self.statusBar().showMessage(
-                ("Only one case is open" if n else "No case list")
+                ("Only one case is open" if n or self.study is not None else "No case is open")
                 + ": N / P step through the cases of a folder or of several files (File ▸ Open folder)",
                 6000,
             )
