@@ -21,7 +21,7 @@ class ShortcutHelp(QDialog):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Keyboard and mouse")
-        self.resize(560, 640)
+        self.resize(680, 660)
         lay = QVBoxLayout(self)
         rows = [(k, d) for _id, k, d in SHORTCUTS] + list(MOUSE_HELP)
         self.table = QTableWidget(len(rows), 2)

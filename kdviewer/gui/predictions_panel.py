@@ -345,8 +345,8 @@ class PredictionsPanel(QGroupBox):
         if student.ood_flag:
             self.ood_box.setText(
                 f"⚠ This image looks unlike the model's training data (OOD score {student.ood_score:.1f} > "
-                f"{student.ood_threshold:.1f}), so the model has no reliable answer for it. Its output is "
-                "kept below for reference only."
+                f"{student.ood_threshold:.1f}), so the model has no reliable answer for it. Its output "
+                "is behind “Show the model's output anyway”, for reference only."
             )
             self.ood_box.show()
         else:

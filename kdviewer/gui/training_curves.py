@@ -86,6 +86,20 @@ class StageEpochAxis(pg.AxisItem):
         return [self.epoch_label(v * scale) for v in values]
 
 
+class LrAxis(pg.AxisItem):
+    """Left axis of the learning-rate plot (log mode): labels at 1, 2 and 5 x 10^k only, so the minor
+    ticks of a narrow range do not pile up into unreadable text."""
+
+    def logTickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:
+        out = []
+        for v in values:
+            x = 10 ** (v * scale)
+            mantissa = x / 10 ** math.floor(math.log10(x)) if x > 0 else 0.0
+            keep = any(abs(mantissa - m) < 1e-6 * m for m in (1.0, 2.0, 5.0))
+            out.append(f"{x:g}" if keep else "")
+        return out
+
+
 class TrainingCurves(QWidget):
     """Three stacked plots: training loss (total + components), validation metrics, learning rate."""
 
@@ -99,7 +113,9 @@ class TrainingCurves(QWidget):
         self.val_plot: pg.PlotItem = self.view.addPlot(
             row=1, col=0, title="Validation metrics (per epoch)", axisItems={"bottom": self.epoch_axis}
         )
-        self.lr_plot: pg.PlotItem = self.view.addPlot(row=2, col=0, title="Learning rate (log scale)")
+        self.lr_plot: pg.PlotItem = self.view.addPlot(
+            row=2, col=0, title="Learning rate (log scale)", axisItems={"left": LrAxis("left")}
+        )
         self.legends: dict[int, pg.LegendItem] = {}
         for row, (plot, xlabel) in enumerate(
             ((self.loss_plot, "step"), (self.val_plot, "epoch of each stage"), (self.lr_plot, "step"))
@@ -113,6 +129,7 @@ class TrainingCurves(QWidget):
         self.view.ci.layout.setColumnStretchFactor(0, 5)
         self.view.ci.layout.setColumnStretchFactor(1, 1)
         self.lr_plot.setLogMode(y=True)
+        self.lr_plot.getAxis("left").enableAutoSIPrefix(False)  # ticks read 0.001, not "1 (x0.001)"
         self.lr_plot.setLabel("left", "lr")
         self.lr_plot.setXLink(self.loss_plot)
         self.val_plot.setYRange(0.0, 1.0, padding=0.03)  # accuracy, AUC, F1... all live in [0, 1]

@@ -217,7 +217,11 @@ class TrainingReport(QWidget):
         self.roc_plot.showGrid(x=True, y=True, alpha=0.25)
         self.roc_note = QLabel("")
         self.roc_note.setWordWrap(True)
-        self.complexity_table = self._table(["Measure", "Student", "Teacher", "Student / teacher"])
+        self.complexity_table = self._table(["Measure", "Student", "Teacher", "S / T"])
+        # long measure names wrap in a column that takes the width left, so the numbers stay visible
+        self.complexity_table.setWordWrap(True)
+        self.complexity_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.complexity_table.horizontalHeader().setMinimumSectionSize(60)
 
         grid = QGridLayout()
         self.metrics_box = self._box("Metrics (held-out)", self.metrics_table)
@@ -415,7 +419,7 @@ class TrainingReport(QWidget):
             if isinstance(value, dict):
                 v = _num(value.get("value"))
                 lo, hi = _num(value.get("ci_low")), _num(value.get("ci_high"))
-                ci = f"{lo:.3f} – {hi:.3f}" if lo is not None and hi is not None else ""
+                ci = f"{lo:.2f}–{hi:.2f}" if lo is not None and hi is not None else ""  # compact: fits
             else:
                 v, ci = _num(value), ""
             return (f"{v:.3f}" if v is not None else ("–" if value is not None else "")), ci
@@ -529,7 +533,7 @@ class TrainingReport(QWidget):
         cols = ["Measure", *models]
         has_pair = "student" in models and "teacher" in models
         if has_pair:
-            cols.append("Student / teacher")
+            cols.append("S / T")
         t = self.complexity_table
         t.setColumnCount(len(cols))
         t.setHorizontalHeaderLabels(cols)
