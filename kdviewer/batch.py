@@ -4,15 +4,20 @@ Used by ``kdviewer classify`` and the GUI batch panel (no Qt here; progress goes
 cancellation through a `threading.Event`).
 
 * `scan` walks a folder recursively and recognises images by content (PNG/JPEG/TIFF/DICOM); DICOM
-  slices of one CT series become one *series* case; anything else becomes an *error* row (never a
-  failure of the run).
+  slices of one CT series become one *series* case. Files that are not images (``labels.csv``,
+  ``notes.txt``, a results CSV) and kdviewer's own outputs (heatmap PNGs) are *skipped*: counted and
+  named in the summary, never rows. A file that should be an image (an image extension, or none, as
+  DICOM files often have) but cannot be recognised becomes an *error* row (never a failure of the run).
+* The default output (`default_output`) lies outside the folder being classified:
+  ``./kdviewer-results/<folder name>-<hash of its path>.csv`` (the same command resumes into the same
+  file; next to the folder when the current directory is inside it).
 * `run_batch` decodes and preprocesses in a spawn-safe process pool (workers return float arrays and
   metadata only), runs the deployed student (ONNX Runtime) on batches in the main process, and writes
   each row to the CSV (and optional JSONL) immediately, flushed. A restarted run with the same output
   reads the rows already there (dropping a torn last line from a killed run) and skips those cases,
   so every file ends up exactly once.
 
-CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label,
+CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label, refused,
 prob_<class>..., teacher_label, teacher_prob_<class>... (with a teacher), disagreement, divergence,
 ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, n_found, warning, heatmap. For a series,
 ``path`` is the folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several
@@ -24,6 +29,11 @@ Hostile inputs: ``path`` is stored exactly (runs of spaces, tabs, newlines: the 
 torn-tail repair respects quotes) so a rerun finds every row; other text cells never start a formula
 and hold no control characters (`kdviewer.sanitize`); an existing output that is not a results file of
 ours is refused before anything is written; decoder processes exit when the run is killed.
+
+Modality gate: a case whose DICOM modality the bundle does not read (a CT series given to a radiograph
+model) is not run through the model: ``label`` and the probabilities are empty and ``refused`` holds the
+reason. An OOD-flagged case keeps the model's label and probabilities in the CSV (``ood_flag`` true) for
+analysis; every human-facing surface shows it as "no reliable answer".
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +66,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CaseType = str  # "image" | "series" | "error"
+CaseType = str  # "image" | "series" | "error" | "skipped" (not an image: counted, never a row)
+#: What every human-facing surface says instead of a label when the OOD guard fired.
+NO_RELIABLE_ANSWER = "no reliable answer"
 
 
 class BatchError(KDViewerError):
@@ -102,6 +115,8 @@ class BatchSummary:
     label_counts: dict[str, int] = field(default_factory=dict)
     # OOD flags over every row of the output (earlier runs of a resumed batch too); None without a guard
     shift: DomainShift | None = None
+    refused: int = 0  # cases the modality gate gave no class (see the 'refused' column)
+    skipped_files: list[str] = field(default_factory=list)  # not images / our own outputs (no rows)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,6 +132,40 @@ class BatchSummary:
 
 def _one_line(msg: object) -> str:
     return " ".join(str(msg).split())
+
+
+#: Extensions of files that are meant to be images: unrecognised ones are errors, not skipped files.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".dic", ".ima"})
+#: The PNG text chunk that marks kdviewer's own heatmaps (never classified as cases).
+HEATMAP_MARK = ("Software", "kdviewer heatmap")
+_HEATMAP_NAME = re.compile(r"\.[0-9a-f]{8}\.png$")
+
+
+def default_output(folder: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> Path:
+    """Where results of ``folder`` go by default: ``<base>/kdviewer-results/<name>-<hash>.csv``.
+
+    ``base`` is the current directory (the CLI) or the home folder (the GUI); when it lies inside
+    ``folder``, the parent of ``folder`` is used instead, so results never land in the input. The
+    name is stable (the hash is of the folder's absolute path), so rerunning resumes.
+    """
+    src = Path(folder).expanduser().resolve()
+    root = Path(base).expanduser().resolve() if base is not None else Path.cwd().resolve()
+    if root == src or src in root.parents:
+        root = src.parent
+    tag = hashlib.sha1(str(src).encode("utf-8")).hexdigest()[:6]
+    return root / "kdviewer-results" / f"{src.name or 'root'}-{tag}.csv"
+
+
+def _is_our_heatmap(path: Path) -> bool:
+    if not _HEATMAP_NAME.search(path.name):
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.info.get(HEATMAP_MARK[0]) == HEATMAP_MARK[1]
+    except Exception:
+        return False
 
 
 def _why_not_image(path: Path) -> str:
@@ -149,7 +198,12 @@ def scan(folder: str | os.PathLike[str]) -> list[Case]:
     for p in files:
         kind = sniff(p)
         if kind is None:
-            cases.append(Case(str(p), "error", (str(p),), _why_not_image(p)))
+            if p.suffix == "" or p.suffix.lower() in IMAGE_SUFFIXES:
+                cases.append(Case(str(p), "error", (str(p),), _why_not_image(p)))
+            else:  # labels.csv, notes.txt, a results file: not a case
+                cases.append(Case(str(p), "skipped", (str(p),), "not an image"))
+        elif kind == "png" and _is_our_heatmap(p):
+            cases.append(Case(str(p), "skipped", (str(p),), "a kdviewer heatmap"))
         elif kind == "dicom":
             dicoms.append(p)
         else:
@@ -253,7 +307,7 @@ def _worker_init(parent_pid: int) -> None:
 
 
 def csv_columns(class_names: list[str], teacher: bool) -> list[str]:
-    cols = ["path", "case_type", "study_uid", "series_uid", "sop_uid", "label"]
+    cols = ["path", "case_type", "study_uid", "series_uid", "sop_uid", "label", "refused"]
     cols += [f"prob_{c}" for c in class_names]
     if teacher:
         cols += ["teacher_label"] + [f"teacher_prob_{c}" for c in class_names]
@@ -514,6 +568,14 @@ def run_batch(
     done = {_norm(r["path"]) for r in done_rows}
     all_cases = scan(folder) if cases is None else cases
     shown = _Shown(Path(folder), deidentify)
+    # never classify what is not an image, nor this run's own outputs (when they lie inside the folder)
+    ours = {_norm(str(p)) for p in (out_csv, json_path) if p is not None}
+    heat_root = os.path.abspath(heatmaps_dir) + os.sep if heatmaps_dir else None
+    skipped_files = [c.path for c in all_cases if c.case_type == "skipped" or _norm(c.path) in ours
+                     or (heat_root is not None and os.path.abspath(c.path).startswith(heat_root))]
+    if skipped_files:
+        gone = set(skipped_files)
+        all_cases = [c for c in all_cases if c.path not in gone]
     todo = [c for c in all_cases if _norm(shown.path(c.path)) not in done]
     skipped = len(all_cases) - len(todo)
     heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
@@ -524,7 +586,7 @@ def run_batch(
     except OSError as exc:
         raise BatchError(f"cannot write {out_csv}: {exc.strerror or exc}") from exc
 
-    stats = {"done": 0, "errors": 0, "ood": 0, "disagree": 0, "images": 0}
+    stats = {"done": 0, "errors": 0, "ood": 0, "disagree": 0, "images": 0, "refused": 0}
     # OOD flags over the whole output, rows of earlier runs included (the set-level domain-shift test)
     earlier_flags = [r["ood_flag"] for r in done_rows if r.get("ood_flag") in ("true", "false")]
     ood_all = {"scored": len(earlier_flags), "flagged": earlier_flags.count("true")}
@@ -554,8 +616,11 @@ def run_batch(
             ood_all["flagged"] += bool(row["ood_flag"])
         if row.get("disagreement"):
             stats["disagree"] += 1
-        if row.get("label"):
-            labels[row["label"]] = labels.get(row["label"], 0) + 1
+        if row.get("refused"):
+            stats["refused"] += 1
+        if row.get("label"):  # an OOD-flagged case is counted as what it is: no reliable answer
+            key = NO_RELIABLE_ANSWER if row.get("ood_flag") else row["label"]
+            labels[key] = labels.get(key, 0) + 1
         report(row["path"])
 
     by_path = {c.path: c for c in todo}
@@ -632,6 +697,13 @@ def run_batch(
             if res["error"]:
                 emit(_row(by_path[res["path"]], res, None, None, names, error=res["error"]))
                 continue
+            reason = clf.refusal(res.get("modality"))
+            if reason is not None:  # the modality gate: no class, the model is not run
+                refused = clf.refused_prediction(reason)
+                result_hook(by_path[res["path"]], refused, None)
+                emit_dropped(res)
+                emit(_row(by_path[res["path"]], res, refused, None, names))
+                continue
             buffer.append(res)
             if sum(len(b["array"]) for b in buffer) >= batch_size:
                 flush(buffer)
@@ -659,6 +731,8 @@ def run_batch(
         errors=stats["errors"],
         ood_flagged=stats["ood"],
         disagreements=stats["disagree"],
+        refused=stats["refused"],
+        skipped_files=skipped_files,
         elapsed_s=elapsed,
         images_per_s=stats["images"] / elapsed if elapsed > 0 else 0.0,
         cancelled=cancelled,
@@ -726,7 +800,10 @@ def _row(
             f"{len(dropped)} of {res.get('n_found')} slices could not be read and were left out (see "
             "their error rows): a finding on them cannot be seen"
         )
-    if pred is not None:
+    if pred is not None and pred.refused is not None:
+        row["label"] = ""
+        row["refused"] = pred.refused
+    elif pred is not None:
         row["label"] = pred.label
         for n, p in zip(names, pred.probabilities, strict=True):
             row[f"prob_{n}"] = float(p)
@@ -745,7 +822,7 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any, anonymous: b
     """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible.
 
     ``anonymous`` (``--deidentify``): the file is named by a hash only, never by the case's file name."""
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     from kdviewer.imaging.windowing import display_frame
     from kdviewer.inference.saliency import explain, overlay
@@ -760,7 +837,9 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any, anonymous: b
         stem = "case" if anonymous else (Path(case.path.split("#", 1)[0]).name or "case")
         tag = hashlib.sha1(case.path.encode("utf-8")).hexdigest()[:8]
         out = heat_dir / f"{stem}.{tag}.png"
-        Image.fromarray(rgb).save(out)
+        info = PngImagePlugin.PngInfo()
+        info.add_text(*HEATMAP_MARK)  # so that a later batch over a folder holding it skips it
+        Image.fromarray(rgb).save(out, pnginfo=info)
     except Exception as exc:  # MemoryError, OSError, a CAM bug...: this row loses its heatmap, not the run
         log.warning("no heatmap for %s: %s: %s", case.path, type(exc).__name__, exc)
         return ""
@@ -836,6 +915,13 @@ def summary_lines(s: BatchSummary, shift: bool = True) -> list[str]:
         lines.append("labels: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.label_counts.items())))
     if s.errors:
         lines.append(f"{s.errors} file(s) could not be read (see the 'error' column)")
+    if s.skipped_files:
+        names = ", ".join(Path(p).name for p in s.skipped_files[:5])
+        more = f" and {len(s.skipped_files) - 5} more" if len(s.skipped_files) > 5 else ""
+        lines.append(f"{len(s.skipped_files)} file(s) skipped, not images: {names}{more}")
+    if s.refused:
+        lines.append(f"{s.refused} case(s) refused by the modality gate: the model does not read their "
+                     "modality (see the 'refused' column)")
     if s.ood_flagged:
         lines.append(f"{s.ood_flagged} case(s) flagged as unlike the training data (ood_flag)")
     if shift and s.shift is not None and s.shift.shifted:

@@ -1,7 +1,7 @@
 """The ``kdviewer`` command: the viewer (default), folder classification, single-case prediction, info.
 
     kdviewer [gui] [PATH ...] [--model BUNDLE]          open the viewer (the default subcommand)
-    kdviewer classify FOLDER -o results.csv [...]        batch classification, resumable
+    kdviewer classify FOLDER [-o results.csv] [...]      batch classification, resumable
     kdviewer predict FILE [--teacher] [--json]           one case (file or CT-series folder)
       (both take --dicom-out DIR: a DICOM Structured Report + Secondary Capture per case)
     kdviewer render CASE -o out.png [--saliency M]       a case rendered to PNG (no window)
@@ -56,6 +56,13 @@ def _bundle_arg(value: str | None) -> Path:
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
+    from kdviewer.sysdeps import DisplayUnreachable, SystemLibrariesMissing, check_gui_platform
+
+    try:  # before any QApplication exists: Qt aborts the process (exit 134) when its plugin cannot load
+        check_gui_platform()
+    except (SystemLibrariesMissing, DisplayUnreachable) as exc:
+        print(f"kdviewer: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     try:
         from kdviewer.gui.app import main_gui
     except ImportError as exc:
@@ -73,17 +80,24 @@ def cmd_render(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise KDViewerError(f"rendering needs the viewer package, which is not available ({exc})") from exc
     bundle = Path(args.model).expanduser() if args.model else None  # None: the viewer's default (demo)
-    out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency)
+    answer: dict[str, str] = {}
+    out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency, answer=answer)
     print(out if out is not None else args.output)
+    if answer.get("headline"):  # what the picture says, in words (same trust rules as the viewer)
+        detail = f" - {answer['detail']}" if answer.get("detail") else ""
+        print(f"{args.case}: {answer['headline']}{detail}")
     return EXIT_OK
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from kdviewer.batch import BatchProgress, run_batch, summary_lines
+    from kdviewer.batch import BatchProgress, default_output, run_batch, summary_lines
 
     folder = Path(args.folder)
     if not folder.exists():
         raise KDViewerError(f"{folder}: folder not found")
+    if not args.output:
+        args.output = default_output(folder)
+        print(f"results go to {args.output}", file=sys.stderr)
     bundle = _bundle_arg(args.model)
     bar = None
     last = {"done": 0}
@@ -240,19 +254,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_OK
     tags = [t for t, on in (("DEMO", clf.bundle.is_demo), ("SYNTHETIC", clf.bundle.is_synthetic)) if on]
     shown = f"  [{', '.join(tags)} model]" if tags else ""
-    print(plain(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}"))
-    for name, p in zip(pred.class_names, pred.probabilities, strict=True):
-        print(f"  {plain(name):<20} {p:.3f}")
-    if pred.aggregate:
+    if pred.refused is not None:
+        print(plain(f"{args.file}: no answer - {pred.refused}{shown}"))
+        print("  refused by the modality gate: the model was not run on this study")
+    elif pred.ood_flag:
+        # no confident-looking number on the headline: the guard says the answer is not reliable
+        print(plain(f"{args.file}: no reliable answer - this image is unlike the training data{shown}"))
+        print(f"  OOD score {pred.ood_score:.2f} > threshold {pred.ood_threshold:.2f}")
+        print(plain(f"  the model's output anyway (not reliable): {pred.label}"))
+        for name, p in zip(pred.class_names, pred.probabilities, strict=True):
+            print(f"    {plain(name):<18} {p:.3f}")
+    else:
+        print(plain(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}"))
+        for name, p in zip(pred.class_names, pred.probabilities, strict=True):
+            print(f"  {plain(name):<20} {p:.3f}")
+    if pred.aggregate and pred.refused is None:
         print(f"  series of {len(pred.frames)} slices, aggregate: {pred.aggregate}")
     if dropped:
         print(f"  WARNING: {len(dropped)} of {study.n_found} slices could not be read and were left out; a "
               "finding on them cannot be seen:")
         for p, why in dropped:
             print(plain(f"    {p}: {why}"))
-    if pred.ood_score is not None:
-        flag = "  UNLIKE THE TRAINING DATA - result not reliable" if pred.ood_flag else ""
-        print(f"  OOD score {pred.ood_score:.2f} (threshold {pred.ood_threshold:.2f}){flag}")
+    if pred.refused is not None:
+        print("  decision support only - not a diagnosis")
+        _print_dicom_out(args, result)
+        return EXIT_OK
+    if pred.ood_score is not None and not pred.ood_flag:
+        print(f"  OOD score {pred.ood_score:.2f} (threshold {pred.ood_threshold:.2f})")
     if args.teacher:
         c = result
         verdict = "DISAGREE" if c["disagree"] else "agree"
@@ -261,11 +289,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     calib = f"calibrated, T={pred.temperature:g}" if pred.calibrated else "uncalibrated"
     print(f"  {calib}; {pred.runtime}; {pred.timings.get('total_ms', 0.0):.1f} ms")
     print("  decision support only - not a diagnosis")
+    _print_dicom_out(args, result)
+    return EXIT_OK
+
+
+def _print_dicom_out(args: argparse.Namespace, result: dict[str, Any]) -> None:
     if args.dicom_out:
         print(f"  DICOM: {result['dicom']['sr']} (SR), {result['dicom']['sc']} (SC)")
         if "sent_to" in result["dicom"]:
             print(f"  stored {result['dicom']['stored']} object(s) on {result['dicom']['sent_to']}")
-    return EXIT_OK
 
 
 def _is_bundle(path: Path) -> bool:
@@ -367,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="classify every image under a folder into a CSV (resumable)")
     p.add_argument("folder", help="folder searched recursively (PNG, JPEG, TIFF, DICOM; CT series grouped)")
-    p.add_argument("-o", "--output", required=True, help="results CSV (rerun with the same file to resume)")
+    p.add_argument("-o", "--output",
+                   help="results CSV (rerun with the same file to resume); default: "
+                   "./kdviewer-results/<folder name>-<hash>.csv, outside the folder being classified")
     _add_model(p)
     p.add_argument("--teacher", action="store_true", help="also run the teacher and flag disagreements")
     p.add_argument("--json", metavar="FILE", help="also write JSON (.jsonl: one object per line, as it goes)")

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bundles import ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_dicom, write_png
+from _bundles import (
+    ct_reading_bundle,
+    ct_volume,
+    cxr_bundle,
+    cxr_phantom,
+    write_ct_png,
+    write_ct_series,
+    write_dicom,
+    write_png,
+)
 from PIL import Image
 
 from kdviewer.batch import BatchError, BatchProgress, csv_columns, run_batch, scan
@@ -52,11 +61,12 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_scan_groups_series_and_reports_non_images(mixed: Path) -> None:
     cases = scan(mixed)
     by_type = Counter(c.case_type for c in cases)
-    assert by_type == {"image": 6, "series": 1, "error": 2}
+    assert by_type == {"image": 6, "series": 1, "error": 1, "skipped": 1}
     series = next(c for c in cases if c.case_type == "series")
     assert series.path == str(mixed / "ct" / "series1") and len(series.files) == 4
     errors = {Path(c.path).name: c.error for c in cases if c.case_type == "error"}
-    assert "0 bytes" in errors["empty.png"] and "not a supported image" in errors["notes.txt"]
+    assert "0 bytes" in errors["empty.png"]  # meant to be an image: an error
+    assert [Path(c.path).name for c in cases if c.case_type == "skipped"] == ["notes.txt"]  # not an image
     assert not any(".hidden" in c.path for c in cases)
 
 
@@ -66,12 +76,12 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     s = run_batch(mixed, cxr_bundle().path, out, json_out=js, workers=2, batch_size=4, progress=seen.append)
     rows = _rows(out)
     assert list(rows[0]) == csv_columns(["normal", "nodule"], teacher=False)
-    assert len(rows) == 9 == s.total_cases == s.processed and s.skipped == 0
+    assert len(rows) == 8 == s.total_cases == s.processed and s.skipped == 0
     by_name = {Path(r["path"].split("#")[0]).name: r for r in rows}
-    for bad in ("corrupt.dcm", "notes.txt", "empty.png"):
+    for bad in ("corrupt.dcm", "empty.png"):
         assert by_name[bad]["error"] and by_name[bad]["case_type"] == "error" and not by_name[bad]["label"]
-    assert s.errors == 3
-    for good in ("case0.png", "case1.png", "case2.png", "photo.jpg", "cr1.dcm", "series1"):
+    assert s.errors == 2 and "notes.txt" not in by_name and s.skipped_files == [str(mixed / "notes.txt")]
+    for good in ("case0.png", "case1.png", "case2.png", "photo.jpg", "cr1.dcm"):
         r = by_name[good]
         assert not r["error"] and r["label"] in ("normal", "nodule")
         assert abs(float(r["prob_normal"]) + float(r["prob_nodule"]) - 1) < 1e-4
@@ -80,30 +90,34 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     assert by_name["series1"]["case_type"] == "series" and by_name["series1"]["n_frames"] == "4"
     assert by_name["series1"]["series_uid"] and by_name["series1"]["study_uid"]
     assert by_name["cr1.dcm"]["sop_uid"] and by_name["cr1.dcm"]["series_uid"]
-    assert by_name["series1"]["ood_flag"] == "true"  # a CT series given to an X-ray model
+    # a CT series given to an X-ray model: refused by the modality gate, never scored
+    ct = by_name["series1"]
+    assert ct["refused"] and ct["label"] == "" and not ct["error"]
+    assert by_name["series1"]["ood_flag"] == "" and s.refused == 1
     data = json.loads(js.read_text())
-    assert len(data) == 9 and isinstance(data[0]["prob_normal"], float | type(None))
-    assert seen and seen[-1].done == 9 and seen[-1].total == 9 and seen[-1].rate > 0
+    assert len(data) == 8 and isinstance(data[0]["prob_normal"], float | type(None))
+    assert seen and seen[-1].done == 8 and seen[-1].total == 8 and seen[-1].rate > 0
     # the set-level OOD check counts every scored row (errors have no score)
     flags = [r["ood_flag"] for r in rows if r["ood_flag"]]
-    assert s.shift is not None and s.shift.scored == len(flags) == 6
+    assert s.shift is not None and s.shift.scored == len(flags) == 5
     assert s.shift.flagged == flags.count("true") == s.ood_flagged
     # restart with the same output: nothing is redone, nothing duplicated
     before = out.read_bytes()
     s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
-    assert s2.processed == 0 and s2.skipped == 9
+    assert s2.processed == 0 and s2.skipped == 8
     assert s2.shift == s.shift  # the set-level OOD check also counts the rows of earlier runs
     assert out.read_bytes() == before
 
 
 def test_a_folder_unlike_the_training_data_is_a_domain_shift(tmp_path: Path) -> None:
-    """CT slices given to the X-ray model: flagged one by one, and the folder as a whole is shifted."""
+    """CT series given to an X-ray model that (wrongly) declares CT: flagged one by one, and the folder as a
+    whole is shifted."""
     from kdviewer.batch import summary_lines
 
     folder = tmp_path / "ct"
     for i in range(3):
         write_ct_series(folder / f"series{i}", ct_volume(np.random.default_rng(i), n=3, size=64))
-    s = run_batch(folder, cxr_bundle().path, tmp_path / "ct.csv", workers=0)
+    s = run_batch(folder, ct_reading_bundle(), tmp_path / "ct.csv", workers=0)
     assert s.processed == 3 and s.shift is not None and s.shift.scored == 3
     assert s.shift.flagged == 3 and s.shift.shifted
     assert any(line.startswith("DOMAIN SHIFT: 3 of 3") for line in summary_lines(s))
@@ -119,7 +133,7 @@ def test_torn_last_line_is_repaired_on_resume(mixed: Path, tmp_path: Path) -> No
     out.write_text(text + text.splitlines()[-1][:17])  # a half-written row after a kill
     run_batch(mixed, cxr_bundle().path, out, workers=0)
     paths = [r["path"] for r in _rows(out)]
-    assert len(paths) == len(set(paths)) == 9
+    assert len(paths) == len(set(paths)) == 8
 
 
 def test_cancel_then_resume(mixed: Path, tmp_path: Path) -> None:
@@ -131,11 +145,11 @@ def test_cancel_then_resume(mixed: Path, tmp_path: Path) -> None:
             stop.set()
 
     s = run_batch(mixed, cxr_bundle().path, out, workers=0, batch_size=1, progress=progress, cancel=stop)
-    assert s.cancelled and 4 <= s.processed < 9
+    assert s.cancelled and 4 <= s.processed < 8
     s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
-    assert s2.skipped == s.processed and s.processed + s2.processed == 9
+    assert s2.skipped == s.processed and s.processed + s2.processed == 8
     paths = [r["path"] for r in _rows(out)]
-    assert len(paths) == len(set(paths)) == 9
+    assert len(paths) == len(set(paths)) == 8
 
 
 def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None:
@@ -143,8 +157,10 @@ def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None
     s = run_batch(mixed, cxr_bundle().path, out, teacher=True, heatmaps_dir=heat, json_out=jl, workers=0)
     rows = _rows(out)
     assert "teacher_prob_nodule" in rows[0]
-    good = [r for r in rows if not r["error"]]
-    assert len(good) == 6
+    good = [r for r in rows if not r["error"] and not r["refused"]]
+    assert len(good) == 5
+    refused = next(r for r in rows if r["refused"])  # the CT series: no teacher answer, no heatmap either
+    assert refused["teacher_label"] == "" and refused["heatmap"] == "" and refused["disagreement"] == ""
     for r in good:
         assert r["teacher_label"] in ("normal", "nodule") and r["disagreement"] in ("true", "false")
         assert 0.0 <= float(r["divergence"]) <= 1.0
@@ -152,7 +168,7 @@ def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None
         png = np.asarray(Image.open(r["heatmap"]))
         assert png.ndim == 3 and png.shape[2] == 3
     assert s.disagreements == sum(r["disagreement"] == "true" for r in good)
-    assert len(jl.read_text().splitlines()) == 9
+    assert len(jl.read_text().splitlines()) == 8
     with pytest.raises(BatchError, match="different columns"):
         run_batch(mixed, cxr_bundle().path, out, teacher=False, workers=0)
 
@@ -214,3 +230,60 @@ def test_real_chest_xrays(shared_data: Path, tmp_path: Path) -> None:
     assert len(rows) == len(images) + len(others) == s.processed
     assert all(not r["error"] and r["label"] for r in rows if r["case_type"] == "image")
     assert all(r["error"] for r in rows if r["case_type"] == "error")  # e.g. labels.csv
+
+
+def test_modality_gate_and_ood_rows(tmp_path: Path) -> None:
+    """A CT series given to the X-ray bundle gets no class (empty label, the reason in 'refused', no
+    probabilities); a CT slice saved as PNG passes the gate and is OOD-flagged, and the summary counts it
+    as "no reliable answer", not as a label."""
+    from kdviewer.batch import NO_RELIABLE_ANSWER, summary_lines
+
+    folder = tmp_path / "in"
+    write_ct_series(folder / "ct", ct_volume(np.random.default_rng(0), n=3, size=64))
+    write_ct_png(folder / "ct_slice.png", ct_volume(np.random.default_rng(1), n=1, size=64)[0])
+    out = tmp_path / "res.csv"
+    s = run_batch(folder, cxr_bundle().path, out, workers=0)
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    ct = rows["ct"]
+    assert ct["case_type"] == "series" and ct["label"] == "" and not ct["error"]
+    assert ct["refused"] == "this model reads chest radiographs (CR, DX); this image is CT"
+    assert ct["prob_normal"] == ct["prob_nodule"] == "" and ct["ood_flag"] == ""
+    png = rows["ct_slice.png"]
+    assert png["refused"] == "" and png["label"] and png["ood_flag"] == "true"
+    assert s.refused == 1 and s.errors == 0 and s.label_counts == {NO_RELIABLE_ANSWER: 1}
+    text = "\n".join(summary_lines(s))
+    assert "1 case(s) refused by the modality gate" in text and "labels: no reliable answer: 1" in text
+
+
+def test_default_output_is_outside_the_folder_and_own_outputs_are_never_cases(tmp_path: Path) -> None:
+    """Results and heatmaps written into the folder (as an earlier default did) are not classified by the
+    next run; labels.csv / notes.txt are skipped and named in the summary, not 'could not be read'."""
+    from kdviewer.batch import default_output, summary_lines
+
+    folder = tmp_path / "study"
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        write_png(folder / f"case{i}.png", cxr_phantom(rng, positive=bool(i))[0])
+    (folder / "labels.csv").write_text("path,label\ncase0.png,normal\n")
+    (folder / "notes.txt").write_text("seen by Dr X\n")
+
+    out = default_output(folder, base=tmp_path)
+    assert out == default_output(folder, base=tmp_path)  # stable: the same command resumes
+    assert out.parent == tmp_path / "kdviewer-results" and out.name.startswith("study-")
+    inside = default_output(folder, base=folder / "sub")  # run from inside the folder: next to it
+    assert folder.resolve() not in inside.parents and inside.parent == tmp_path.resolve() / "kdviewer-results"
+    assert default_output(tmp_path / "other" / "study", base=tmp_path) != out  # same name, other folder
+
+    # an earlier run that wrote its CSV and heatmaps *inside* the folder
+    s1 = run_batch(folder, cxr_bundle().path, folder / "results.csv", heatmaps_dir=folder / "heat", workers=0)
+    assert s1.processed == 2 and s1.errors == 0
+    assert sorted(Path(p).name for p in s1.skipped_files) == ["labels.csv", "notes.txt"]
+    assert len(list((folder / "heat").glob("*.png"))) == 2
+    # the next run, elsewhere: the old CSV and heatmaps are skipped, not cases or errors
+    s2 = run_batch(folder, cxr_bundle().path, out, workers=0)
+    assert s2.processed == 2 and s2.errors == 0
+    assert sorted(Path(p).name for p in s2.skipped_files) == sorted(
+        ["labels.csv", "notes.txt", "results.csv"] + [p.name for p in (folder / "heat").glob("*.png")])
+    text = "\n".join(summary_lines(s2))
+    assert "could not be read" not in text and "5 file(s) skipped, not images" in text
+    assert {Path(r["path"]).name for r in _rows(out)} == {"case0.png", "case1.png"}

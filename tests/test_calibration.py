@@ -10,6 +10,7 @@ from training.calibration import (
     calibrate,
     expected_calibration_error,
     fit_temperature,
+    fit_temperature_checked,
     nll,
     probabilities,
     reliability_bins,
@@ -50,9 +51,48 @@ def test_temperature_scaling_fixes_overconfidence():
     assert np.array_equal(probabilities(logits, "single-label", t).argmax(1), logits.argmax(1))
 
 
-def test_underconfident_logits_get_a_temperature_below_one():
+def test_underconfident_logits_get_a_temperature_below_one_but_at_most_2x_sharper():
+    logits, y = _overconfident(scale=0.6, seed=1)
+    t, note = fit_temperature_checked(logits, y)
+    assert 0.5 < t < 0.75 and note == "fitted on the val split"  # the true factor is 0.6
     logits, y = _overconfident(scale=0.3, seed=1)
-    assert fit_temperature(logits, y) < 0.6
+    t, note = fit_temperature_checked(logits, y)
+    assert t == 0.5 and "clamped" in note  # the optimum (~0.3) would sharpen > 2x
+    assert nll(logits, y, "single-label", t) < nll(logits, y, "single-label")
+
+
+def test_small_or_separable_val_sets_keep_t_1():
+    """The demo bundle's T = 0.16: a few perfectly separated val cases make the NLL fall forever as
+    T -> 0. Too few cases, or a separable set of any size, now keep T = 1 and say why."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    margin = rng.uniform(0.5, 3.0, 400)
+    logits = np.stack([np.where(y == 0, margin, -margin), np.where(y == 1, margin, -margin)], 1)
+    res = calibrate(logits[:24], y[:24])  # a handful of val cases
+    assert res["temperature"] == 1.0 and "24 val cases < 50" in res["note"]
+    assert res["ece_after"] == res["ece_before"]
+    res = calibrate(logits, y)  # separable however many cases: no interior optimum
+    assert res["temperature"] == 1.0 and "every val case is classified correctly" in res["note"]
+    assert res["n"] == 400
+    # the same set with 10% of labels flipped has a real optimum, and it is not a 6x sharpening
+    y2 = y.copy()
+    y2[:40] = 1 - y2[:40]
+    t, note = fit_temperature_checked(logits, y2)
+    assert t >= 0.5 and note != "" and nll(logits, y2, "single-label", t) <= nll(logits, y2, "single-label")
+
+
+def test_model_card_shows_ece_before_and_after() -> None:
+    from kdviewer.models.manifest import Manifest, ModelSpec
+    from training.export import _model_card
+
+    logits, y = _overconfident(n=600)
+    cal = calibrate(logits, y)
+    m = Manifest(name="m", class_names=["a", "b", "c"], student=ModelSpec(architecture="resnet18"),
+                 calibration=Calibration(temperature=cal["temperature"], ece_before=cal["ece_before"],
+                                         ece_after=cal["ece_after"]))
+    card = _model_card(m, {"calibration": cal})
+    assert f"| ECE (15 bins) | {cal['ece_before']:.4f} | {cal['ece_after']:.4f} |" in card
+    assert "NLL" in card and "600 val cases" in card and "fitted on the val split" in card
 
 
 def test_multilabel_single_temperature_on_sigmoid():

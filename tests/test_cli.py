@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bundles import ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_dicom, write_png
+from _bundles import (
+    ct_reading_bundle,
+    ct_volume,
+    cxr_bundle,
+    cxr_phantom,
+    write_ct_png,
+    write_ct_series,
+    write_dicom,
+    write_png,
+)
 
 from kdviewer.cli import _with_default_command, build_parser, main
 
@@ -26,6 +35,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "dcm": write_dicom(root / "cases" / "c.dcm", cxr_phantom(rng, False)[0].astype(np.uint16) * 8),
         "txt": (root / "cases" / "readme.txt").write_text("x") and root / "cases" / "readme.txt",
         "ct": write_ct_series(root / "ct", ct_volume(rng, n=3, size=64))[0].parent,
+        "ct_png": write_ct_png(root / "ct_slice.png", ct_volume(rng, n=1, size=64)[0]),
         "root": root,
     }
 
@@ -37,11 +47,25 @@ def test_classify(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) ->
                  "--json", str(js), "--workers", "0", "--no-progress", "--fp32"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "classified" in text and "could not be read" in text
+    assert "classified" in text and "1 file(s) skipped, not images: readme.txt" in text
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 4 and sum(bool(r["error"]) for r in rows) == 1
-    assert len(json.loads(js.read_text())) == 4
+    assert len(rows) == 3 and sum(bool(r["error"]) for r in rows) == 0
+    assert len(json.loads(js.read_text())) == 3
+
+
+def test_classify_default_output_lies_outside_the_folder(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdviewer.batch import default_output
+
+    monkeypatch.chdir(files["root"] / "cases")  # run from inside the folder being classified
+    assert main(["classify", ".", "--model", str(cxr_bundle().path), "--workers", "0", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    expected = default_output(files["root"] / "cases")
+    assert expected.is_file() and expected.parent == files["root"].resolve() / "kdviewer-results"
+    assert f"results go to {expected}" in cap.err and str(expected) in cap.out
+    assert not list((files["root"] / "cases").glob("*.csv"))
 
 
 def test_predict_json_and_text(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,9 +76,26 @@ def test_predict_json_and_text(files: dict[str, Path], capsys: pytest.CaptureFix
     assert main(["predict", str(files["dcm"]), "--model", model, "--teacher"]) == 0
     text = capsys.readouterr().out
     assert "teacher:" in text and "not a diagnosis" in text and "OOD score" in text
-    assert main(["predict", str(files["ct"]), "--model", model, "--json"]) == 0
+    assert main(["predict", str(files["ct"]), "--model", str(ct_reading_bundle()), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert len(d["per_slice"]) == 3 and d["aggregate"] == "max-nodule" and d["ood_flag"] is True
+
+
+def test_predict_follows_the_trust_rules(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A CT series given to the X-ray bundle: no class (modality gate); a CT slice as PNG: the OOD guard
+    fires and the first line says there is no reliable answer instead of a confident number."""
+    model = str(cxr_bundle().path)
+    assert main(["predict", str(files["ct"]), "--model", model, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["label"] == "" and d["label_index"] == -1 and d["probabilities"] == {}
+    assert d["refused"] == "this model reads chest radiographs (CR, DX); this image is CT"
+    assert main(["predict", str(files["ct"]), "--model", model]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "no answer" in first and "this image is CT" in first and "%" not in first
+    assert main(["predict", str(files["ct_png"]), "--model", model]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "no reliable answer" in lines[0] and "%" not in lines[0]
+    assert any("not reliable" in line for line in lines)  # the output stays available, labelled
 
 
 def test_info_image_dicom_and_bundle(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,7 +114,7 @@ def test_info_image_dicom_and_bundle(files: dict[str, Path], capsys: pytest.Capt
 def test_errors_are_one_line_with_exit_codes(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["classify", str(files["root"])]) == 2  # -o is required
+    assert main(["classify"]) == 2  # the folder is required (-o is not: it has a default)
     assert "required" in capsys.readouterr().err
     assert main(["classify", str(files["root"]), "-o", "x.csv", "--workers", "-1"]) == 2
     capsys.readouterr()

@@ -164,3 +164,32 @@ def test_check_cli_json(tmp_path, capsys):
     issues = validate(bad, overrides=["optim.lr=0.1"])
     assert {i["loc"] for i in issues} == {"data.root", "teacher.weights"}
     assert resolve_recipe("002").name.startswith("002")
+
+
+def test_check_data_finds_images_and_classes_like_run(tmp_path, capsys):
+    """`check --data` discovers the data as `run` does: a recipe's NORMAL/PNEUMONIA match lower-case
+    folders; classes that match nothing are a problem *before* the run, naming the labels present."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for cls, n in (("normal", 6), ("pneumonia", 4)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((16, 16), 30 * i, np.uint8)).save(root / cls / f"{cls}{i}.png")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"root": str(root), "classes": ["NORMAL", "PNEUMONIA"]}}))
+    assert main(["check", str(cfg), "--data", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["errors"] == [] and out["data"]["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert out["data"]["labels_found"] == {"normal": 6, "pneumonia": 4}
+    c = out["data"]["counts"]
+    assert c["train"] + c["val"] + c["test"] == 10
+    assert main(["check", str(cfg)]) == 0  # without --data: the schema and file checks only
+    capsys.readouterr()
+    cfg.write_text(yaml.safe_dump({"data": {"root": str(root), "classes": ["cat", "dog"]}}))
+    assert main(["check", str(cfg), "--data", "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert not out["ok"] and out["data"]["labels_found"] == {"normal": 6, "pneumonia": 4}
+    msg = out["errors"][0]["msg"]
+    assert "no labelled images found" in msg and "normal, pneumonia" in msg and "cat, dog" in msg

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -341,8 +342,17 @@ def test_resume_a_finished_run_with_more_epochs(reference, phantoms, tmp_path):
     more, rec = _run(raw, resume=True)
     assert [(e["stage"], e["epoch"]) for e in rec.of("epoch_end")] == [("student", 3)]
     assert len(more.history) == 4  # teacher 1 + student 1, 2 (from the checkpoint) + student 3
+    t0 = time.perf_counter()
     same, rec2 = _run(tiny(phantoms, tmp_path, optim={"epochs": 3}), resume=True)
+    took = time.perf_counter() - t0
     assert not rec2.of("epoch_end") and same.status == "completed"  # nothing left to train
+    # ... and nothing redone: no data decoding, no evaluation/export, just the finished record
+    assert not rec2.of("run_start") and took < 5, took
+    logs = [e["message"] for e in rec2.of("log")]
+    assert any("already finished" in m and "nothing to resume" in m for m in logs), logs
+    assert rec2.of("run_end")[0]["metrics"] == more.metrics
+    # a new run (no --resume) in the same folder trains again and replaces the record
+    assert (tmp_path / "finished.json").is_file()
 
 
 def test_amp_auto_policy(monkeypatch):

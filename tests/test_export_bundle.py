@@ -327,3 +327,18 @@ def test_a_zipped_bundle_opens(bundle, tmp_path):
             zf.write(f, f.name)
     with open_bundle(z) as b:
         assert b.onnx_path(int8=True).is_file()
+
+
+def test_eval_listing_ignores_annotation_folders(tmp_path):
+    """The synthetic datasets keep lesion masks in masks/: that folder is not an unknown class."""
+    from PIL import Image
+
+    from training.evaluate import list_labelled_files
+
+    for sub, n in (("normal", 2), ("PNEUMONIA", 3), ("masks", 4), ("lateral", 1)):
+        (tmp_path / sub).mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / sub / f"{i}.png")
+    items, skipped = list_labelled_files(tmp_path, ["normal", "pneumonia"])
+    assert len(items) == 5 and {c for _p, c in items} == {"normal", "pneumonia"}
+    assert skipped == {"lateral": 1}  # a real unknown label is still reported; masks/ is not

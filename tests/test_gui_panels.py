@@ -4,6 +4,8 @@ tags/PHI, errors, settings and help."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PySide6.QtCore import QSettings, Qt
@@ -51,7 +53,12 @@ def test_predictions_and_teacher_comparison(qtbot, window, gui_data, tiny_bundle
     assert len(panel.rows) == 2
     shown = [bar.value for _l, bar, _t in panel.rows]
     np.testing.assert_allclose(shown, pred.probabilities, atol=1e-6)
-    assert pred.label in panel.headline.text()
+    if pred.ood_flag:  # the trust rule: no label in the headline when the OOD guard fired
+        assert panel.headline.text() == "No reliable answer"
+        panel.details_toggle.setChecked(True)
+    else:
+        assert pred.label in panel.headline.text()
+    assert panel.details_shown
     assert "Inference:" in panel.timing.text() and "student" in panel.timing.text()
     assert panel.badge.isHidden()
     assert "student" in window.status_timing.text()
@@ -227,3 +234,33 @@ def test_no_model_state_is_explicit(qtbot, window, gui_data) -> None:
     assert "NO MODEL LOADED" in window.banner.flags_text()
     assert "No model loaded" in window.predictions.headline.text()
     assert window.banner.text.text() == "Decision support only — not a diagnosis"
+
+
+def test_help_rows_fit_title_once_and_n_p_with_one_case(qtbot, window, gui_data, tmp_path) -> None:
+    """F1 rows are not cut and the Close button has no dark icon; the title names the app once; N/P with
+    a single case say so in the status bar."""
+    import shutil
+
+    from PySide6.QtCore import QRect
+
+    dlg = window.show_help()
+    qtbot.addWidget(dlg)
+    dlg.show()
+    qtbot.waitExposed(dlg)
+    t = dlg.table
+    fm = t.fontMetrics()
+    for r in range(t.rowCount()):
+        text = t.item(r, 1).text()
+        need = fm.boundingRect(QRect(0, 0, t.columnWidth(1) - 10, 10_000), Qt.TextFlag.TextWordWrap, text)
+        assert t.rowHeight(r) >= need.height(), (r, text)
+    assert dlg.close_button.icon().isNull()
+    dlg.close()
+
+    only = Path(shutil.copy(gui_data["png"], tmp_path / "only.png"))
+    open_and_wait(qtbot, window, only)
+    assert window.windowTitle() == "only.png"  # Qt adds " — kdviewer" itself: the name appears once
+    window.statusBar().clearMessage()
+    window.actions_by_id["next_case"].trigger()
+    assert "Only one case is open" in window.statusBar().currentMessage()
+    window.actions_by_id["prev_case"].trigger()
+    assert "N / P step through" in window.statusBar().currentMessage()

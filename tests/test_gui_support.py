@@ -201,15 +201,30 @@ def tiny_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     cache = getattr(request.config, "cache", None)
     if cache is None:  # -p no:cacheprovider
         return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-    root = Path(cache.mkdir("kdviewer-gui")) / BUNDLE_VERSION
-    if not (root / "manifest.json").is_file():
-        import shutil
+    import hashlib
+    import os
+    import shutil
+    import tempfile
 
-        tmp = root.with_name(root.name + ".partial")
+    # keyed by the code that shapes it (this file, the architectures, exporter, manifest, OOD), so an edit
+    # never reuses a stale bundle; built in a private folder and renamed into place (concurrent runs)
+    src = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(BUNDLE_VERSION.encode())
+    for rel in ("tests/test_gui_support.py", "kdviewer/models/architectures.py",
+                "kdviewer/models/manifest.py", "kdviewer/models/onnx_export.py",
+                "kdviewer/models/preprocess.py", "kdviewer/inference/ood.py"):
+        h.update((src / rel).read_bytes())
+    base = Path(cache.mkdir("kdviewer-gui"))
+    root = base / f"{BUNDLE_VERSION}-{h.hexdigest()[:12]}"
+    if not (root / "manifest.json").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix="partial-"))
+        build_tiny_bundle(tmp / "tiny")
+        try:
+            os.rename(tmp / "tiny", root)
+        except OSError:  # another run won the race: use its (equivalent) bundle
+            if not (root / "manifest.json").is_file():
+                raise
         shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_bundle(tmp)
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
     return root
 
 

@@ -7,13 +7,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bundles import copy_bundle, ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_dicom, write_png
+from _bundles import (
+    copy_bundle,
+    ct_reading_bundle,
+    ct_volume,
+    cxr_bundle,
+    cxr_phantom,
+    write_ct_png,
+    write_ct_series,
+    write_dicom,
+    write_png,
+)
 
 from kdviewer.errors import BundleError, InferenceError
 from kdviewer.imaging import load
 from kdviewer.imaging.study import Study
 from kdviewer.inference.compare import js_divergence, total_variation
-from kdviewer.inference.predict import Classifier, Prediction, softmax
+from kdviewer.inference.predict import Classifier, Prediction, modality_refusal, softmax
 
 # The first test builds the shared trained bundle (~20 s on an idle machine, minutes on a loaded one).
 pytestmark = pytest.mark.timeout(900)
@@ -84,7 +94,8 @@ def test_temperature_calibration(tmp_path: Path) -> None:
     assert abs(p_hot.probability - 0.5) <= abs(p_cold.probability - 0.5) + 1e-6
 
 
-def test_ct_series_per_slice_and_aggregate(clf: Classifier, tmp_path: Path) -> None:
+def test_ct_series_per_slice_and_aggregate(tmp_path: Path) -> None:
+    clf = Classifier(ct_reading_bundle(), use_int8=False)  # a bundle that declares CT among its modalities
     vol = ct_volume(np.random.default_rng(0), n=5, size=64)
     write_ct_series(tmp_path / "ct", vol)
     study = load(tmp_path / "ct")
@@ -190,3 +201,42 @@ def test_bundle_written_by_the_training_exporter(tmp_path: Path) -> None:
     assert c.threshold == b.manifest.disagreement_threshold
     assert c.student.ood_score is not None
     assert saliency(clf, study, "gradcam").heatmap.shape == study.shape
+
+
+# ------------------------------------------------------------------------------------- modality gate
+
+
+def test_modality_gate_rule() -> None:
+    reason = modality_refusal(["CR", "DX"], "CT")
+    assert reason == "this model reads chest radiographs (CR, DX); this image is CT"
+    assert modality_refusal(["CR", "DX"], "dx") is None
+    assert modality_refusal(["CR", "DX"], "OT") is None  # PNG/JPEG: no DICOM modality, the OOD guard judges
+    assert modality_refusal(["CR", "DX"], "") is None and modality_refusal(["CR", "DX"], None) is None
+    assert modality_refusal([], "MR") is None  # a bundle that declares nothing is not gated
+    assert "this image is MR" in str(modality_refusal(["CT"], "MR"))
+
+
+def test_ct_series_given_to_an_xray_bundle_gets_no_class(clf: Classifier, tmp_path: Path) -> None:
+    assert clf.manifest.modality == ["CR", "DX"]
+    write_ct_series(tmp_path / "ct", ct_volume(np.random.default_rng(3), n=4, size=64))
+    study = load(tmp_path / "ct")
+    assert study.modality == "CT"
+    pred = clf.predict(study)
+    assert pred.refused == "this model reads chest radiographs (CR, DX); this image is CT"
+    assert pred.label == "" and pred.label_index == -1 and not pred.reliable
+    assert np.isnan(pred.probability) and np.isnan(pred.probabilities).all()
+    assert pred.per_slice is None and pred.ood_score is None and pred.runtime == ""  # the model never ran
+    d = json.loads(json.dumps(pred.to_dict(), allow_nan=False))
+    assert d["refused"] == pred.refused and d["probabilities"] == {} and d["label"] == ""
+    comp = clf.compare(study)  # the teacher is not asked either
+    assert comp.student.refused and comp.teacher.refused and not comp.disagree
+    json.dumps(comp.to_dict(), allow_nan=False)
+    # a single CT slice as DICOM: refused too; the same pixels as PNG pass the gate (the OOD guard judges)
+    one = write_dicom(tmp_path / "one.dcm", ct_volume(np.random.default_rng(4), n=1, size=64)[0] + 1024, "CT")
+    assert clf.predict(load(one)).refused is not None
+    png = clf.predict(load(write_ct_png(tmp_path / "ct.png", ct_volume(np.random.default_rng(4), 1, 64)[0])))
+    assert png.refused is None and png.label in clf.class_names
+    # a radiograph DICOM (CR) is answered
+    cr_pixels = cxr_phantom(np.random.default_rng(6), True)[0].astype(np.uint16) * 8
+    cr = write_dicom(tmp_path / "cr.dcm", cr_pixels)
+    assert clf.predict(load(cr)).refused is None

@@ -51,10 +51,10 @@ def _make_folder(root: Path, n_good: int = 8) -> tuple[Path, list[Path], list[Pa
         p = folder / f"case_{i:02d}.png"
         Image.fromarray(arr).save(p)
         good.append(p)
-    bad = [folder / "broken.png", folder / "empty.dcm", folder / "notes.txt"]
+    bad = [folder / "broken.png", folder / "empty.dcm"]
     bad[0].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)  # PNG signature, damaged body
     bad[1].write_bytes(b"")
-    bad[2].write_text("not an image at all\n")
+    (folder / "notes.txt").write_text("not an image at all\n")  # skipped: not a case, not an error
     return folder, good, bad
 
 
@@ -86,6 +86,7 @@ def test_batch_panel_runs_sorts_filters_opens_and_exports(qtbot, tmp_path: Path,
     assert len(errors) == len(bad)
     assert {Path(r["path"]).name for r in errors} == {p.name for p in bad}
     assert "file(s) could not be classified" in panel.count_label.text()
+    assert "1 file(s) skipped, not images: notes.txt" in panel.status.text()
     assert panel.progress.value() == panel.progress.maximum()
 
     # Errors only / hide errors.
@@ -203,14 +204,15 @@ def test_batch_panel_refuses_missing_inputs(qtbot, tmp_path: Path) -> None:
 
 
 def test_batch_panel_warns_of_a_domain_shift(qtbot, tmp_path: Path) -> None:
-    """A folder of CT series given to the trained X-ray test model: a visible domain-shift warning."""
-    from _bundles import ct_volume, cxr_bundle, write_ct_series
+    """CT slices saved as pictures (no DICOM modality, so the modality gate lets them through) given to the
+    trained X-ray test model: a visible domain-shift warning."""
+    from _bundles import ct_volume, cxr_bundle, write_ct_png
 
     from kdviewer.gui.batch_panel import BatchPanel
 
     folder = tmp_path / "ct"
     for i in range(3):
-        write_ct_series(folder / f"series{i}", ct_volume(np.random.default_rng(i), n=3, size=64))
+        write_ct_png(folder / f"slice{i}.png", ct_volume(np.random.default_rng(i), n=1, size=64)[0])
     panel = BatchPanel()
     qtbot.addWidget(panel)
     panel.folder.setText(str(folder))

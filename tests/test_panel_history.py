@@ -134,7 +134,7 @@ def test_history_replay_fills_curves_and_report(qtbot, tmp_path: Path) -> None:
         report.metrics_table.item(r, 0).text(): report.metrics_table.item(r, 2).text()
         for r in range(report.metrics_table.rowCount())
     }
-    assert metrics["auc"] == "0.700 – 0.950"
+    assert metrics["auc"] == "0.70–0.95"
     assert report.confusion_table.rowCount() == 2 and report.confusion_table.item(0, 0).text().startswith("4")
     cx = {
         report.complexity_table.item(r, 0).text(): report.complexity_table.item(r, 3).text()

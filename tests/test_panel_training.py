@@ -173,11 +173,13 @@ def test_tiny_distillation_run_draws_curves_and_ends_with_a_bundle(
     assert panel.progress.value() == panel.progress.maximum()
     kinds = {e["event"] for e in panel.events}
     assert {"run_start", "stage_start", "step", "epoch_end", "run_end"} <= kinds
+    _check_plots_readable(qtbot, panel)
 
     assert bundle and Path(bundle).exists()
     assert panel.tabs.currentWidget() is panel.report
     assert panel.report.metrics_table.rowCount() > 0
     assert panel.report.complexity_table.rowCount() > 0
+    _check_report_readable(qtbot, panel.report, bundle)
     qtbot.mouseClick(panel.report.open_button, Qt.MouseButton.LeftButton)
     assert opened == [bundle]
     from kdviewer.models.bundle import open_bundle
@@ -193,6 +195,45 @@ def test_tiny_distillation_run_draws_curves_and_ends_with_a_bundle(
     panel.history.open_button.click()
     assert panel.curves.point_count() == live_counts
     assert panel.report.bundle_path == bundle
+
+
+def _check_plots_readable(qtbot, panel) -> None:
+    """Legends beside (not over) the curves; the learning rate on a log axis; epochs numbered per stage
+    (1 teacher epoch, then the student's epochs read 1, 2 — not 2, 3)."""
+    c = panel.curves
+    shown = panel.tabs.currentIndex()
+    panel.tabs.setCurrentIndex(0)
+    qtbot.wait(50)
+    for plot in (c.loss_plot, c.val_plot, c.lr_plot):
+        legend = c.legends[id(plot)]
+        assert legend.items, "every curve is named in the legend"
+        assert not legend.sceneBoundingRect().intersects(plot.vb.sceneBoundingRect())
+    assert c.lr_plot.getAxis("left").logMode
+    assert c.lr and all(y > 0 for s in c.lr.values() for y in s.y if y == y)
+    assert c.epoch_axis.offsets == [0.0, 1.0]
+    student_x = [x for name, s in c.val.items() if not name.startswith("teacher") for x in s.x]
+    assert [c.epoch_axis.epoch_label(x) for x in sorted(set(student_x))] == ["1", "2"]
+    assert c.epoch_axis.epoch_label(1.0) == "1"  # the teacher's epoch
+    panel.tabs.setCurrentIndex(shown)
+
+
+def _check_report_readable(qtbot, report, bundle: str) -> None:
+    """Every metrics row fits without scrolling; the bundle path has its own (elided) line and never
+    overlaps the SYNTHETIC note."""
+    qtbot.wait(50)
+    t = report.metrics_table
+    needed = sum(t.rowHeight(r) for r in range(t.rowCount()))
+    assert t.viewport().height() >= needed, (t.viewport().height(), needed)
+    assert report.bundle_label.toolTip() == f"Bundle: {bundle}"
+    import json
+
+    synthetic = json.loads((Path(bundle) / "manifest.json").read_text())["synthetic_data"]
+    assert report.synthetic_note.isHidden() != bool(synthetic)
+    report.synthetic_note.show()  # the layout keeps the two on separate lines either way
+    qtbot.wait(50)
+    assert not report.bundle_label.geometry().intersects(report.synthetic_note.geometry())
+    report.synthetic_note.setVisible(bool(synthetic))
+    assert report.bundle_label.width() <= report.width()
 
 
 def test_stop_then_resume_finishes_from_the_checkpoint(qtbot, tmp_path: Path, phantoms: Path) -> None:
@@ -268,3 +309,58 @@ def test_device_probe_lists_auto_and_cpu(qtbot) -> None:
     devices = blocker.args[0]
     values = [v for _label, v in devices]
     assert values[0] == "auto" and values[-1] == "cpu"
+
+
+def test_check_finds_images_and_classes_like_start_and_the_output_follows_the_recipe(
+    qtbot, tmp_path: Path, phantoms: Path
+) -> None:
+    """The pneumoniamnist recipe names classes NORMAL, PNEUMONIA; the phantom folders are lower case.
+    Check runs the engine's own data discovery: it finds the images (case does not matter), lists the
+    labels found so the user can tick the classes, and a choice that cannot train is caught by Check,
+    not after Start. Switching recipes moves the output folder with the recipe unless the user chose
+    one."""
+    from kdviewer.gui.training_form import set_combo
+
+    panel = _panel(qtbot)
+    assert panel.load_preset("pneumoniamnist")
+    f = panel.form
+    assert f.output_dir.text() == "runs/pneumoniamnist" and f.run_name.text() == "main"
+    assert f.chosen_classes() == ["NORMAL", "PNEUMONIA"]
+    assert panel.load_preset("002_resnet34_resnet18")
+    assert f.output_dir.text() == "runs" and f.run_name.text() == "002-resnet34-resnet18"
+
+    assert panel.load_preset("pneumoniamnist")
+    f.data_path.setText(str(phantoms))
+    set_combo(f.split, "random")
+    f.output_dir.setText(str(tmp_path / "runs"))
+    with qtbot.waitSignal(panel.checker.checked, timeout=120_000) as blocker:
+        panel.check()
+    ok, errors = blocker.args
+    assert ok, errors
+    found = panel.checker.summary["labels_found"]
+    assert {k.lower() for k in found} == {"normal", "pneumonia"}
+    assert panel.checker.summary["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert sum(panel.checker.summary["counts"][s] for s in ("train", "val", "test")) == sum(found.values())
+    assert "Settings are valid. Data: NORMAL, PNEUMONIA" in panel.form_status.text()
+    assert not f.found_list.isHidden() and f.found_list.count() == 2
+
+    # untick one label: a single class cannot train, and Check (not Start) says so
+    f.found_list.item(0).setCheckState(Qt.CheckState.Unchecked)
+    assert f.chosen_classes() == [f.found_list.item(1).data(Qt.ItemDataRole.UserRole)]
+    with qtbot.waitSignal(panel.checker.checked, timeout=120_000) as blocker:
+        panel.check()
+    assert not blocker.args[0]
+    assert "two classes" in " ".join(f.visible_errors().values()), f.visible_errors()
+    assert not panel.events  # nothing was started
+
+    # classes that match nothing: the message names the labels that are there
+    f.classes.setText("cat, dog")
+    with qtbot.waitSignal(panel.checker.checked, timeout=120_000) as blocker:
+        panel.check()
+    assert not blocker.args[0]
+    msg = " ".join(f.visible_errors().values())
+    assert "match none of the labels found" in msg and "normal" in msg.lower(), msg
+
+    # a folder the user chose stays when the recipe changes
+    assert panel.load_preset("002_resnet34_resnet18")
+    assert f.output_dir.text() == str(tmp_path / "runs") and f.data_path.text() == str(phantoms)

@@ -149,3 +149,23 @@ def test_finetune_reduces_loss():
     hist = finetune(pruned, train, epochs=3, lr=3e-3)
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert not pruned.training
+
+
+def test_prune_command_prints_progress_and_a_before_after_table(tmp_path, capsys):
+    """`kd-train prune` says what it does as it goes (stderr) and ends with a before/after table."""
+    from _bundles import cxr_bundle
+
+    from training.cli import main
+
+    assert main(["prune", str(cxr_bundle().path), "--ratio", "0.3", "--out", str(tmp_path / "p")]) == 0
+    cap = capsys.readouterr()
+    steps = [line for line in cap.err.splitlines() if line.startswith("[")]
+    assert len(steps) >= 3 and "pruning resnet18: 30% of the internal channels" in cap.err
+    assert "params" in cap.err and "writing the bundle" in cap.err
+    table = cap.out.splitlines()
+    assert table[0].split() == ["before", "after", "change"]
+    params = next(line for line in table if line.startswith("params")).split()
+    before, after = (int(v.replace(",", "")) for v in params[1:3])
+    assert after < before and params[3].startswith("-") and params[3].endswith("%")
+    assert next(line for line in table if line.startswith("GFLOPs")).split()[3].startswith("-")
+    assert table[-1].startswith("pruned bundle written to")

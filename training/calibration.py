@@ -4,6 +4,12 @@
   ``logits / T`` on the validation split: softmax cross-entropy for single-label tasks, one shared
   temperature on the per-label sigmoids for multi-label tasks. A bounded scalar search over log T
   (Brent) is exact for this one-parameter convex-in-practice problem and needs no autograd.
+  Guards (a temperature of 0.16 fitted on a handful of perfectly separated val cases *sharpened* the
+  demo model's probabilities): no fit below `MIN_CASES` val cases; the optimum is searched widely, and
+  one at the far lower end means the NLL keeps falling as T -> 0 (a separable val set, which says
+  nothing about T): T = 1; a genuine optimum is clamped to [`T_MIN`, `T_MAX`] = [0.5, 20] (sharpening
+  by more than 2x is not what temperature scaling is for); and T must lower the val NLL, else T = 1.
+  `calibrate` reports which happened in ``note``.
 * `expected_calibration_error` uses 15 equal-width confidence bins (Guo et al. 2017):
   single-label — top-label confidence vs accuracy; multi-label — every (case, label) probability
   vs the observed label frequency.
@@ -20,7 +26,10 @@ from typing import Any
 import numpy as np
 
 N_BINS = 15
-_LOG_T_BOUNDS = (-4.0, 4.0)  # T in [0.018, 54.6]
+T_MIN, T_MAX = 0.5, 20.0
+_LOG_T_SEARCH = (-7.0, float(np.log(T_MAX)))  # T in [0.0009, 20]: finds where the NLL minimum lies
+#: Fewer val cases than this: no temperature is fitted (T = 1).
+MIN_CASES = 50
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -53,24 +62,55 @@ def nll(logits: np.ndarray, targets: np.ndarray, task: str, temperature: float =
     return float(np.mean(logsumexp - z[np.arange(len(y)), y]))
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: str = "single-label") -> float:
-    """The temperature T > 0 minimising validation NLL of ``logits / T``."""
+def fit_temperature_checked(
+    logits: np.ndarray, targets: np.ndarray, task: str = "single-label", min_cases: int = MIN_CASES
+) -> tuple[float, str]:
+    """(T, note): the temperature minimising val NLL of ``logits / T`` within [T_MIN, T_MAX], or 1.0 with
+    the reason (``note``) when the val set cannot support a fit (see the module docstring)."""
     from scipy.optimize import minimize_scalar
 
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or len(logits) == 0:
         raise ValueError(f"fit_temperature needs (N>0, K) logits, got shape {logits.shape}")
+    if len(logits) < min_cases:
+        return 1.0, f"not fitted: {len(logits)} val cases < {min_cases}, too few to estimate a temperature"
+    separated = (
+        bool(np.all((logits > 0) == (np.asarray(targets) > 0.5)))
+        if task == "multi-label"
+        else bool(np.all(logits.argmax(axis=1) == np.asarray(targets).astype(np.int64).reshape(-1)))
+    )
+    if separated:  # every case right: the NLL falls forever as T -> 0, there is no optimum to find
+        return 1.0, (
+            "not fitted: every val case is classified correctly, so the val NLL keeps falling as T -> 0 "
+            "and says nothing about a temperature; sharpening was refused"
+        )
     res = minimize_scalar(
         lambda log_t: nll(logits, targets, task, float(np.exp(log_t))),
-        bounds=_LOG_T_BOUNDS,
+        bounds=_LOG_T_SEARCH,
         method="bounded",
         options={"xatol": 1e-4},
     )
-    t = float(np.exp(res.x))
+    best = float(np.exp(res.x))
+    if res.x <= _LOG_T_SEARCH[0] + 0.05:
+        return 1.0, (
+            "not fitted: the val NLL keeps falling as T -> 0 (the val set is separated nearly "
+            "perfectly), which says nothing about a temperature; sharpening was refused"
+        )
+    t = float(np.clip(best, T_MIN, T_MAX))
     # Never return something worse than doing nothing (flat NLL surfaces, degenerate splits).
-    if nll(logits, targets, task, t) > nll(logits, targets, task, 1.0):
-        return 1.0
-    return t
+    if nll(logits, targets, task, t) >= nll(logits, targets, task, 1.0):
+        return 1.0, "not fitted: no temperature lowers the val NLL"
+    if best < T_MIN:
+        return t, f"clamped to T = {T_MIN:g} (the val optimum was T = {best:.2f}; sharpening limited to 2x)"
+    if best >= T_MAX * 0.99:
+        return t, f"fitted at the upper bound T = {T_MAX:g}: the model is strongly over-confident"
+    return t, "fitted on the val split"
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: str = "single-label") -> float:
+    """The temperature T > 0 minimising validation NLL of ``logits / T`` (1.0 when the val set cannot
+    support a fit; `fit_temperature_checked` also says why)."""
+    return fit_temperature_checked(logits, targets, task)[0]
 
 
 def _confidence_and_correct(
@@ -125,10 +165,11 @@ def calibrate(
 ) -> dict[str, Any]:
     """Fit a temperature on (validation) logits and report calibration before and after.
 
-    Returns {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "n",
-    "reliability_before", "reliability_after"}; the first three fill ``Manifest.calibration``.
+    Returns {"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "n", "note",
+    "reliability_before", "reliability_after"}; the first three fill ``Manifest.calibration``,
+    ``note`` says whether T was fitted or why not.
     """
-    t = fit_temperature(logits, targets, task)
+    t, note = fit_temperature_checked(logits, targets, task)
     before = probabilities(logits, task, 1.0)
     after = probabilities(logits, task, t)
     return {
@@ -138,6 +179,7 @@ def calibrate(
         "nll_before": nll(logits, targets, task, 1.0),
         "nll_after": nll(logits, targets, task, t),
         "n": len(logits),
+        "note": note,
         "reliability_before": reliability_bins(before, targets, task, n_bins),
         "reliability_after": reliability_bins(after, targets, task, n_bins),
     }

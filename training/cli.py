@@ -90,6 +90,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a run file; prints the problems per field")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of {loc, msg}")
+    p.add_argument("--data", action="store_true",
+                   help="also find the images and classes as `run` does (JSON: {ok, errors, data})")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("recipes", help="list the packaged recipes")
@@ -119,9 +121,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from training.config import validate
+    from training.config import validate, validate_with_data
 
-    issues = validate(args.config, args.overrides, args.variant)
+    if args.data:
+        issues, summary = validate_with_data(args.config, args.overrides, args.variant)
+        if args.json:
+            print(json.dumps({"ok": not issues, "errors": issues, "data": summary}, default=str))
+            return EXIT_CONFIG if issues else EXIT_OK
+        if summary.get("classes"):
+            c = summary["counts"]
+            print(f"data: classes {', '.join(summary['classes'])}; {c['train']} train / {c['val']} val / "
+                  f"{c['test']} test images")
+        elif summary.get("labels_found"):
+            print("labels found: " + ", ".join(f"{k} ({v})" for k, v in summary["labels_found"].items()))
+    else:
+        issues = validate(args.config, args.overrides, args.variant)
     if args.json:
         print(json.dumps(issues, indent=None))
     elif issues:

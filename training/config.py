@@ -652,3 +652,40 @@ def validate(
     except ConfigError as exc:
         return exc.errors
     return check_environment(cfg)
+
+
+def validate_with_data(
+    path: str | Path, overrides: list[str] | None = None, variant: str | None = None
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """What ``run`` checks before training, data included: (problems, data summary).
+
+    After the schema and file-system checks, the images and classes are discovered exactly as a run
+    does (`training.data.discover`); its errors ("no labelled images found ...") become problems here
+    instead of a failure after Start. The summary: ``classes`` used, image ``counts`` per split,
+    ``labels_found`` (every folder / CSV label with its image count, so a form can offer them) and the
+    first ``skipped`` notes. A dataset still to be generated (``data.generate``) is not discovered.
+    """
+    try:
+        cfg = load_config(path, overrides, variant)
+    except ConfigError as exc:
+        return exc.errors, {}
+    issues = check_environment(cfg)
+    if issues:
+        return issues, {}
+    if cfg.data.generate is not None and not (cfg.data.root and cfg.data.root.is_dir()):
+        return [], {"generated": True}
+    from training.data import discover, label_counts
+
+    summary: dict[str, Any] = {}
+    try:
+        summary["labels_found"] = label_counts(cfg.data, cfg.task)
+    except ConfigError as exc:
+        return exc.errors, {}
+    except OSError as exc:
+        return [{"loc": "data", "msg": f"cannot read the data: {exc}"}], {}
+    try:
+        splits = discover(cfg.data, cfg.task, cfg.runtime.seed)
+    except ConfigError as exc:
+        return exc.errors, summary
+    summary.update(classes=list(splits.class_names), counts=splits.counts(), skipped=splits.skipped[:10])
+    return [], summary

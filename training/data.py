@@ -219,9 +219,16 @@ def _targets(
     else:
         class_names = sorted({lab for _, text, _, _ in rows for lab in labels_of(text)})
     index = {c: i for i, c in enumerate(class_names)}
+    # Folder/CSV labels match the configured classes regardless of case (a recipe's NORMAL, PNEUMONIA
+    # and folders normal/, pneumonia/ are the same classes); an exact match wins.
+    folded = {c.lower(): c for c in reversed(class_names)}
+
+    def canonical(lab: str) -> str:
+        return lab if lab in index else folded.get(lab.lower(), lab)
+
     samples: list[Sample] = []
     for path, text, patient, split in rows:
-        labels = labels_of(text)
+        labels = [canonical(lab) for lab in labels_of(text)]
         unknown = [lab for lab in labels if lab not in index]
         if unknown or (not multi and not labels):
             skipped.append(f"{path.name}: label {text!r} not in classes")
@@ -309,6 +316,25 @@ def fingerprint(splits: dict[str, list[Sample]]) -> str:
     return h.hexdigest()
 
 
+def label_counts(cfg: DataConfig, task: str = "single-label") -> dict[str, int]:
+    """Every label the data offers (class folder names or CSV labels) with its image count, before any
+    choice of classes: what a form shows so the user can pick and map the classes."""
+    if cfg.csv is not None:
+        rows, _base = _from_csv(cfg)
+    else:
+        assert cfg.root is not None
+        if not cfg.root.is_dir():
+            raise ConfigError([{"loc": "data.root", "msg": f"folder {cfg.root} does not exist"}])
+        rows, _base = _from_folders(cfg, (cfg.root / "train").is_dir() and cfg.split in ("auto", "folders"))
+    out: dict[str, int] = {}
+    for _p, text, _pt, _s in rows:
+        labels = [t.strip() for t in text.split(cfg.label_separator)] if task == "multi-label" else [text]
+        for lab in labels:
+            if lab:
+                out[lab] = out.get(lab, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def discover(cfg: DataConfig, task: str = "single-label", seed: int = 0) -> DataSplits:
     """Find the samples, assign them to train/val/test and fingerprint the result."""
     seed = cfg.seed if cfg.seed is not None else seed
@@ -336,7 +362,14 @@ def discover(cfg: DataConfig, task: str = "single-label", seed: int = 0) -> Data
     samples, class_names, skipped = _targets(rows, cfg, task, base)
     if not samples:
         where = cfg.csv if cfg.csv is not None else cfg.root
-        raise ConfigError([{"loc": "data", "msg": f"no labelled images found in {where}"}])
+        found = sorted({text for _p, text, _pt, _s in rows if text})
+        msg = f"no labelled images found in {where}"
+        if found and cfg.classes:
+            msg += (f": the classes asked for ({', '.join(cfg.classes)}) match none of the labels found "
+                    f"there ({', '.join(found[:12])}); choose the classes to train on")
+        elif not rows:
+            msg += " (expected one sub-folder of images per class, or a CSV with path and label columns)"
+        raise ConfigError([{"loc": "data", "msg": msg}])
     if task == "single-label" and len(class_names) < 2:
         raise ConfigError([{"loc": "data", "msg": f"need at least two classes, found {class_names}"}])
     policy = cfg.split

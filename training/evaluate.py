@@ -143,6 +143,11 @@ def _is_series_dir(p: Path) -> bool:
     return p.is_dir() and any(is_supported_file(f) for f in p.iterdir())
 
 
+#: Sub-folders that hold annotations of the images (e.g. the synthetic datasets' lesion ``masks/``), not a
+#: class: never listed as "labels not in the bundle" (unless the bundle has a class of that name).
+ANNOTATION_FOLDERS = frozenset({"masks", "mask", "annotations", "segmentations", "labels", "rois", "bboxes"})
+
+
 def _list_folder(root: Path, class_names: list[str]) -> tuple[list[tuple[Path, str]], dict[str, int]]:
     from kdviewer.imaging import is_supported_file
 
@@ -150,6 +155,8 @@ def _list_folder(root: Path, class_names: list[str]) -> tuple[list[tuple[Path, s
     items, skipped = [], {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         cls = by_lower.get(sub.name.lower())
+        if cls is None and sub.name.lower() in ANNOTATION_FOLDERS:
+            continue
         files = [p for p in sorted(sub.iterdir()) if is_supported_file(p) or _is_series_dir(p)]
         if cls is None:
             skipped[sub.name] = len(files)

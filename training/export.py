@@ -32,7 +32,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,11 +256,17 @@ def _model_card(m: Manifest, evaluation: dict[str, Any]) -> str:
             + ", ".join(f"{k} {t[k]['value']:.3f}" for k in keys if t[k]["value"] is not None)
         )
     c = m.calibration
+    cal = evaluation.get("calibration") or {}
     lines += ["", "## Calibration", ""]
-    lines.append(
-        f"Temperature T = {c.temperature:.3f} fitted on the val split; ECE (15 bins) "
-        f"{_fmt(c.ece_before)} before -> {_fmt(c.ece_after)} after."
-    )
+    note = cal.get("note", "fitted on the val split")
+    n = f" ({cal['n']} val cases)" if cal.get("n") is not None else ""
+    lines.append(f"Temperature T = {c.temperature:.3f}: {note}{n}.")
+    lines += ["", f"| | T = 1 (raw) | T = {c.temperature:.3f} (shipped) |", "|---|---|---|",
+              f"| ECE (15 bins) | {_fmt(c.ece_before)} | {_fmt(c.ece_after)} |"]
+    if cal.get("nll_before") is not None:
+        lines.append(f"| NLL | {_fmt(cal['nll_before'])} | {_fmt(cal['nll_after'])} |")
+    if c.temperature < 1:
+        lines += ["", "T < 1 sharpens the probabilities (the raw model was under-confident on val)."]
     if m.int8_parity:
         p = m.int8_parity
         nan = float("nan")
@@ -344,6 +350,7 @@ def export_bundle(
     ood_max_train: int = 5000,
     report: bool = True,
     extra_training: dict | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the bundle for a trained student (and teacher) into ``out_dir``; returns ``out_dir``.
 
@@ -351,7 +358,8 @@ def export_bundle(
     the INT8 calibration images (a random sample of ``calibration_size``) and the OOD statistics
     (features of a random subset of batches, about ``ood_max_train`` images); ``val_loader`` the
     temperature, the OOD threshold and the INT8 parity set (a random sample of 256); metrics go on
-    the test split when ``test_loader`` is given, else on val.
+    the test split when ``test_loader`` is given, else on val. ``progress`` is called with the name of
+    each phase as it starts (command-line progress).
     """
     from training.calibration import calibrate, probabilities
     from training.evaluate import evaluate_model
@@ -378,6 +386,8 @@ def export_bundle(
         if phase_start[1]:
             timings[str(phase_start[1])] = round(now - float(phase_start[0]), 2)
         phase_start[0], phase_start[1] = now, name
+        if progress is not None and name:
+            progress(name)
 
     try:
         # 1. predictions --------------------------------------------------------------------------

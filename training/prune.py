@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ def finetune(
     device: str = "cpu",
     weight_decay: float = 1e-5,
     log_every: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
     """Plain supervised fine-tuning (Adam, CE or BCE) of a pruned model; returns per-epoch losses."""
     model.to(device).train()
@@ -89,6 +90,8 @@ def finetune(
             if log_every and step % log_every == 0:
                 log.info("finetune epoch %d step %d loss %.4f", epoch, step, float(loss))
         history.append({"epoch": epoch, "stage": "finetune", "train_loss": total / max(1, count)})
+        if progress is not None:
+            progress(f"fine-tuning: epoch {epoch}/{epochs}, train loss {total / max(1, count):.4f}")
     model.eval()
     return history
 
@@ -107,6 +110,7 @@ def prune_bundle(
     batch_size: int = 32,
     device: str = "cpu",
     export_options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Prune the student of a bundle, optionally fine-tune it on ``data``, and write a new bundle.
 
@@ -115,15 +119,19 @@ def prune_bundle(
     without it the bundle keeps the old manifest fields that do not depend on the weights and drops
     the stale metrics, calibration and OOD statistics, saying so in ``training["pruning"]``.
     ``export_options`` are passed on to `training.export.export_bundle` (e.g. ``complexity=False``).
+    ``progress`` receives one human-readable line per step (the CLI prints them as they come).
     """
+    say = progress or (lambda _msg: None)
     from kdviewer.models.bundle import open_bundle
     from training.complexity import count_flops, count_params
     from training.export import write_minimal_bundle
 
     out = Path(out)
+    say(f"opening {bundle_path}")
     with open_bundle(bundle_path) as b:
         m = b.manifest
         student = _build_student(b)
+        say(f"pruning {m.student.architecture}: {ratio:.0%} of the internal channels (smallest L1 norm)")
         before = {
             "params": count_params(student),
             "gflops": count_flops(student, m.preprocessing.input_size, m.preprocessing.channels) / 1e9,
@@ -142,21 +150,26 @@ def prune_bundle(
             "finetune_epochs": finetune_epochs,
         }
         log.info("pruned %s: params %d -> %d", m.student.architecture, before["params"], after["params"])
+        say(f"params {before['params']:,} -> {after['params']:,}")
         if data is None:
             if finetune_epochs:
                 raise ValueError("--finetune-epochs needs --data")
+            say("writing the bundle (no --data: metrics, calibration and OOD statistics are dropped)")
             return write_minimal_bundle(b, pruned, out, pruning=info)
         from training.evaluate import dataset_loaders
 
+        say(f"reading {data}")
         loaders = dataset_loaders(data, m, batch_size=batch_size)
         history: list[dict] = []
         if finetune_epochs:
-            history = finetune(pruned, loaders["train"], finetune_epochs, task=m.task, lr=lr, device=device)
+            history = finetune(pruned, loaders["train"], finetune_epochs, task=m.task, lr=lr, device=device,
+                               progress=say)
         from training.export import export_bundle
 
         teacher = b.build_torch("teacher") if b.has_teacher else None
         config = dict(m.training.get("config", {})) if isinstance(m.training.get("config"), dict) else {}
         config["pruning"] = info
+        say("re-evaluating and exporting (metrics, calibration, INT8, OOD, report)")
         return export_bundle(
             out,
             name=f"{m.name}-pruned{round(ratio * 100)}",
@@ -178,6 +191,7 @@ def prune_bundle(
             device=device,
             positive_class=m.positive_class,
             modality=list(m.modality),
+            progress=lambda phase: say(f"  export: {phase}"),
             **(export_options or {}),
         )
 
@@ -222,7 +236,42 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def comparison_table(before: Any, after: Any) -> list[str]:
+    """Before/after lines for the source and the pruned bundle's manifests: params, GFLOPs (as measured
+    by the pruning) and every metric both bundles report."""
+    t = after.training if isinstance(after.training, dict) else {}
+    info = t.get("pruning") or (t.get("config") or {}).get("pruning") or {}
+    b_info, a_info = info.get("before", {}), info.get("after", {})
+    rows: list[tuple[str, Any, Any]] = [
+        ("params", b_info.get("params", before.student.params), a_info.get("params", after.student.params)),
+        ("GFLOPs", b_info.get("gflops", before.student.gflops), a_info.get("gflops", after.student.gflops)),
+    ]
+    rows += [(k, before.metrics[k].value, after.metrics[k].value)
+             for k in sorted(set(before.metrics) & set(after.metrics))]
+    lines = [f"{'':<16}{'before':>14}{'after':>14}{'change':>10}"]
+    for name, a, b in rows:
+        fmt = ",.0f" if name == "params" else ".3f"
+        cells = ["-" if v is None else format(float(v), fmt) for v in (a, b)]
+        change = ""
+        if a is not None and b is not None:
+            change = f"{(b - a) / a:+.1%}" if name in ("params", "GFLOPs") and a else f"{b - a:+.3f}"
+        lines.append(f"{name:<16}{cells[0]:>14}{cells[1]:>14}{change:>10}")
+    if before.metrics and not after.metrics:
+        lines.append("(metrics not re-evaluated: pass --data to fine-tune and re-evaluate)")
+    return lines
+
+
 def _cli(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    from kdviewer.models.bundle import open_bundle
+
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
     path = prune_bundle(
         args.bundle,
         args.ratio,
@@ -232,8 +281,12 @@ def _cli(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         device=args.device,
+        progress=say,
     )
-    print(f"pruned bundle written to {path}")
+    with open_bundle(args.bundle) as b0, open_bundle(path) as b1:
+        for line in comparison_table(b0.manifest, b1.manifest):
+            print(line)
+    print(f"pruned bundle written to {path} ({time.time() - t0:.0f} s)")
     return 0
 
 

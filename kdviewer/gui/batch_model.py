@@ -2,6 +2,12 @@
 
 Columns are whatever the batch CSV holds (path, label, prob_<class>..., teacher_label, disagreement,
 divergence, ood_score, ood_flag, error, timings); numbers sort as numbers, empty cells sort last.
+
+The table shows the answer first: path, label, refused, the probabilities and the flags, then the
+details; DICOM UIDs come last (and the panel hides them by default, see `HIDDEN_BY_DEFAULT`). Trust
+rules: a row refused by the modality gate reads "no answer" with the reason as tooltip; an OOD-flagged
+row reads "no reliable answer" in the label column, its probabilities in brackets, and the model's
+raw output in the tooltip.
 """
 
 from __future__ import annotations
@@ -14,11 +20,41 @@ from typing import Any
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, QSortFilterProxyModel, Qt
 from PySide6.QtGui import QBrush, QColor
 
+from kdviewer.batch import NO_RELIABLE_ANSWER
+
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 PATH_ROLE = Qt.ItemDataRole.UserRole + 2
 
 _Index = QModelIndex | QPersistentModelIndex
 _TRUE = {"1", "true", "yes", "y", "t"}
+#: Label shown (and filtered on) for a row the modality gate refused.
+REFUSED_LABEL = "no answer (modality)"
+#: Columns the panel hides until the user asks for them (header context menu).
+HIDDEN_BY_DEFAULT = frozenset({"study_uid", "series_uid", "sop_uid"})
+_ANSWER = ("path", "label", "refused")
+_FLAGS = ("ood_flag", "disagreement", "teacher_label")
+_LAST = ("error", "n_frames", "case_type", "ood_score", "divergence", "heatmap", "t_decode_ms", "t_infer_ms")
+_UIDS = ("study_uid", "series_uid", "sop_uid")
+
+
+def display_order(columns: list[str]) -> list[str]:
+    """The CSV's columns, answer first (path, label, refused, P(class)..., flags), UIDs last."""
+    def rank(c: str) -> tuple[int, int]:
+        if c in _ANSWER:
+            return 0, _ANSWER.index(c)
+        if c.startswith("prob_"):
+            return 1, 0
+        if c in _FLAGS:
+            return 2, _FLAGS.index(c)
+        if c.startswith("teacher_prob_"):
+            return 3, 0
+        if c in _UIDS:
+            return 6, _UIDS.index(c)
+        if c in _LAST:
+            return 5, _LAST.index(c)
+        return 4, 0
+
+    return sorted(columns, key=rank)  # stable: classes keep their order
 
 
 def parse_number(text: Any) -> float | None:
@@ -80,7 +116,7 @@ class BatchResultsModel(QAbstractTableModel):
         self, columns: list[str], rows: list[dict[str, str]], root: str | Path | None = None
     ) -> None:
         self.beginResetModel()
-        self.columns = list(columns)
+        self.columns = display_order(list(columns))
         self.rows = list(rows)
         self.root = Path(root) if root else None
         self._numbers = [{c: parse_number(r.get(c)) for c in self.columns} for r in self.rows]
@@ -98,8 +134,20 @@ class BatchResultsModel(QAbstractTableModel):
     def prob_columns(self) -> list[str]:
         return [c for c in self.columns if c.startswith("prob_")]
 
+    def shown_label(self, row: int) -> str:
+        """What the label column says: the reason-free "no answer" / "no reliable answer", or the label."""
+        r = self.rows[row]
+        if r.get("refused", "").strip():
+            return REFUSED_LABEL
+        if r.get("label") and truthy(r.get("ood_flag")):
+            return NO_RELIABLE_ANSWER
+        return r.get("label", "")
+
+    def is_unreliable(self, row: int) -> bool:
+        return truthy(self.rows[row].get("ood_flag"))
+
     def labels(self) -> list[str]:
-        return sorted({r.get("label", "") for r in self.rows if r.get("label")})
+        return sorted({lab for i in range(len(self.rows)) if (lab := self.shown_label(i))})
 
     def full_path(self, row: int) -> str:
         p = self.rows[row].get("path", "").split("#", 1)[0]  # "folder#SeriesUID" for a CT series
@@ -156,11 +204,29 @@ class BatchResultsModel(QAbstractTableModel):
             return section + 1
         return None
 
+    def answer_tooltip(self, r: int) -> str | None:
+        """The label's/probabilities' tooltip: the refusal reason, or why an OOD answer is not one."""
+        row = self.rows[r]
+        if row.get("refused", "").strip():
+            return f"No class: {row['refused']}. The model was not run on this case."
+        if self.is_unreliable(r) and row.get("label"):
+            nums = self._numbers[r]
+            probs = ", ".join(
+                f"{c[5:]} {nums[c]:.3f}" for c in self.prob_columns() if nums.get(c) is not None
+            )
+            score = row.get("ood_score", "")
+            return (
+                "No reliable answer: this image is unlike the model's training data"
+                + (f" (OOD score {score})" if score else "")
+                + f". The model's output anyway: {row['label']} ({probs})."
+            )
+        return None
+
     def row_tint(self, r: int) -> tuple[str, str] | None:
         """Colours of row ``r``: error, else OOD flag, else disagreement (see ROW_TINTS); None = plain."""
         if self.has_error(r):
             return ROW_TINTS["error"]
-        if truthy(self.rows[r].get("ood_flag")):
+        if truthy(self.rows[r].get("ood_flag")) or self.rows[r].get("refused", "").strip():
             return ROW_TINTS["ood"]
         if truthy(self.rows[r].get("disagreement")):
             return ROW_TINTS["disagree"]
@@ -176,6 +242,10 @@ class BatchResultsModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole:
             if col == "path":
                 return self.display_path(raw)
+            if col == "label":
+                return self.shown_label(r)
+            if num is not None and col.startswith("prob_") and self.is_unreliable(r):
+                return f"({num:.3f})"  # the model's output, bracketed: not an answer
             if col in ("ood_flag", "disagreement") and raw.strip().lower() in _TRUE | {
                 "false",
                 "0",
@@ -197,7 +267,7 @@ class BatchResultsModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.ToolTipRole:
             if col in ("error", "path") and raw:
                 return self.full_path(r) if col == "path" else raw
-            return None
+            return self.answer_tooltip(r) if col in ("label", "refused") or col.startswith("prob_") else None
         if role == Qt.ItemDataRole.TextAlignmentRole and num is not None:
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         if role in (Qt.ItemDataRole.BackgroundRole, Qt.ItemDataRole.ForegroundRole):
@@ -268,7 +338,7 @@ class BatchFilterProxy(QSortFilterProxyModel):
             return False
         if self.errors == "hide" and err:
             return False
-        if self.label and row.get("label", "") != self.label:
+        if self.label and m.shown_label(source_row) != self.label:
             return False
         if self.min_prob > 0:
             p = m.max_prob(source_row)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QModelIndex, QThread, QTimer, Signal
+from PySide6.QtCore import QModelIndex, QPoint, Qt, QThread, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QMenu,
     QMessageBox,
     QProgressBar,
     QPushButton,
@@ -37,7 +38,7 @@ from PySide6.QtWidgets import (
 )
 
 from kdviewer.gui.banner import MessageBar
-from kdviewer.gui.batch_model import PATH_ROLE, BatchFilterProxy, BatchResultsModel
+from kdviewer.gui.batch_model import HIDDEN_BY_DEFAULT, PATH_ROLE, BatchFilterProxy, BatchResultsModel
 
 
 def _default_bundle() -> str:
@@ -262,6 +263,12 @@ class BatchPanel(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.verticalHeader().setDefaultSectionSize(22)
         self.table.doubleClicked.connect(self._double_clicked)
+        # Columns hidden by default (DICOM UIDs) can be shown from the header's context menu.
+        self.shown_columns: set[str] = set()
+        header = self.table.horizontalHeader()
+        header.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        header.customContextMenuRequested.connect(self._column_menu)
+        header.setToolTip("Right-click to show or hide columns (DICOM UIDs are hidden by default)")
         self.label_filter = QComboBox()
         self.label_filter.addItem("all labels", None)
         self.min_prob = QDoubleSpinBox()
@@ -327,7 +334,10 @@ class BatchPanel(QWidget):
 
     def _suggest_output(self, folder: str) -> None:
         if folder and (not self.output.text() or self.output.text() == self._suggested):
-            self._suggested = str(Path(folder).expanduser() / "kdviewer_results.csv")
+            from kdviewer.batch import default_output
+
+            # outside the input folder (a results file inside it would be scanned by the next run)
+            self._suggested = str(default_output(folder, Path.home()))
             self.output.setText(self._suggested)
 
     # -- run -----------------------------------------------------------------------------------------
@@ -514,14 +524,40 @@ class BatchPanel(QWidget):
         self.label_filter.setCurrentIndex(max(0, idx))
         self.label_filter.blockSignals(False)
         self.apply_filters()
-        empty = set(self.model.empty_columns()) if n else set()
-        for c in range(self.model.columnCount()):
-            self.table.setColumnHidden(c, c in empty)
+        self._apply_column_visibility()
         self.table.resizeColumnsToContents()
         for c in range(self.model.columnCount()):
             if self.table.columnWidth(c) > 420:
                 self.table.setColumnWidth(c, 420)
         return n
+
+    def column_hidden_by_choice(self, name: str) -> bool:
+        return name in HIDDEN_BY_DEFAULT and name not in self.shown_columns
+
+    def _apply_column_visibility(self) -> None:
+        empty = set(self.model.empty_columns()) if self.model.rowCount() else set()
+        for c, name in enumerate(self.model.columns):
+            self.table.setColumnHidden(c, c in empty or self.column_hidden_by_choice(name))
+
+    def set_column_shown(self, name: str, shown: bool) -> None:
+        if shown:
+            self.shown_columns.add(name)
+        else:
+            self.shown_columns.discard(name)
+        self._apply_column_visibility()
+        self.table.resizeColumnsToContents()
+
+    def _column_menu(self, pos: QPoint) -> None:
+        menu = QMenu(self)
+        for name in self.model.columns:
+            if name not in HIDDEN_BY_DEFAULT:
+                continue
+            act = menu.addAction(f"show {name.replace('_', ' ')}")
+            act.setCheckable(True)
+            act.setChecked(name in self.shown_columns)
+            act.toggled.connect(lambda on, n=name: self.set_column_shown(n, on))
+        if not menu.isEmpty():
+            menu.exec(self.table.horizontalHeader().mapToGlobal(pos))
 
     def apply_filters(self) -> None:
         self.proxy.set_filters(

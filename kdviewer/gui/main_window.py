@@ -254,8 +254,8 @@ class MainWindow(QMainWindow):
         m_view.addSeparator()
         m_view.addAction(a("next_slice", "Next slice", lambda: self.canvas.step_frame(1)))
         m_view.addAction(a("prev_slice", "Previous slice", lambda: self.canvas.step_frame(-1)))
-        m_view.addAction(a("next_case", "Next case", lambda: self.study_list.step(1)))
-        m_view.addAction(a("prev_case", "Previous case", lambda: self.study_list.step(-1)))
+        m_view.addAction(a("next_case", "Next case", lambda: self.step_case(1)))
+        m_view.addAction(a("prev_case", "Previous case", lambda: self.step_case(-1)))
 
         m_model = mb.addMenu("&Model")
         m_model.addAction(a("load_bundle", "&Load bundle…", self.load_bundle_dialog))
@@ -362,6 +362,22 @@ class MainWindow(QMainWindow):
 
     def current_bundle_path(self) -> str | None:
         return self.bundle_path
+
+    def step_case(self, delta: int) -> None:
+        """N / P: the next / previous case of the list; the status bar says why when there is none."""
+        n = len(self.study_list.cases)
+        row = self.study_list.list.currentRow()
+        if n <= 1:
+            self.statusBar().showMessage(
+                ("Only one case is open" if n or self.study is not None else "No case is open")
+                + ": N / P step through the cases of a folder or of several files (File ▸ Open folder)",
+                6000,
+            )
+        elif (delta > 0 and row >= n - 1) or (delta < 0 and row <= 0):
+            end, which = ("Last", "next") if delta > 0 else ("First", "previous")
+            self.statusBar().showMessage(f"{end} case of {n}: no {which} case", 4000)
+        else:
+            self.study_list.step(delta)
 
     def show_message(self, text: str, level: str = "error", details: str | None = None) -> None:
         self.message_bar.show_message(text, level, details)
@@ -502,7 +518,7 @@ class MainWindow(QMainWindow):
         elif study.notes:
             self.show_message("; ".join(study.notes), "info")
         self._remember_recent("recent/files", str(path)) if not self.cases else None
-        self.setWindowTitle(f"kdviewer — {path.name}")
+        self.setWindowTitle(path.name)  # Qt appends the application name ("… — kdviewer")
         self._update_banner()
         self._update_status()
         self.study_loaded.emit(study)
@@ -635,6 +651,14 @@ class MainWindow(QMainWindow):
             panel.set_agreement(None)
             return
         clf, study = self.classifier, self.study
+        reason = clf.refusal(study)
+        if reason is not None:  # the modality gate: no class, so no map of a class either
+            self.runner.cancel("saliency")
+            self.saliency_result = None
+            self.canvas.set_panes([Pane()])
+            panel.status.setText(f"No saliency map: the model gives no class for this image ({reason}).")
+            panel.set_agreement(None)
+            return
         mode = panel.mode()
         # Only the maps on screen are computed first; the other model's map (for the agreement score)
         # follows in a second job so the overlay appears as early as possible.

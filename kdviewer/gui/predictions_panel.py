@@ -2,6 +2,11 @@
 
 Reads `kdviewer.inference.predict.Prediction` / `Comparison` objects (attributes only) and paints them;
 it computes nothing itself.
+
+Trust rules: a study refused by the modality gate (``Prediction.refused``) shows the reason and no class
+or bars at all. When the OOD guard fires, the headline says there is no reliable answer and the
+probabilities are collapsed behind a "show the model's output anyway" toggle (one click away), never a
+big confident number.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QSizePolicy,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -119,6 +125,17 @@ class PredictionsPanel(QGroupBox):
         self.subline.setWordWrap(True)
         lay.addWidget(self.subline)
 
+        # With the OOD flag the probabilities are hidden behind this toggle (one click away).
+        self.details_toggle = QToolButton()
+        self.details_toggle.setObjectName("DetailsToggle")
+        self.details_toggle.setCheckable(True)
+        self.details_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.details_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.details_toggle.setText("Show the model's output anyway (not reliable)")
+        self.details_toggle.toggled.connect(self._details_toggled)
+        self.details_toggle.hide()
+        lay.addWidget(self.details_toggle)
+
         self.grid_host = QWidget()
         self.grid = QGridLayout(self.grid_host)
         self.grid.setContentsMargins(0, 0, 0, 0)
@@ -198,8 +215,35 @@ class PredictionsPanel(QGroupBox):
             tb.setVisible(teacher)
         self.grid.setColumnStretch(2, 1 if teacher else 0)
 
+    def _details_toggled(self, on: bool) -> None:
+        self.details_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        self._apply_visibility()
+
+    def _apply_visibility(self) -> None:
+        """Bars and slice strip: hidden when refused; behind the toggle when OOD-flagged."""
+        student = self.comparison.student if self.comparison is not None else self.prediction
+        refused = student is not None and student.refused is not None
+        flagged = student is not None and not refused and bool(student.ood_flag)
+        show = not refused and (not flagged or self.details_toggle.isChecked())
+        self.details_toggle.setVisible(flagged)
+        self.grid_host.setVisible(show)
+        has_slices = student is not None and bool(student.per_slice)
+        self.slice_label.setVisible(show and has_slices)
+        self.slice_strip.setVisible(show and has_slices)
+
+    @property
+    def details_shown(self) -> bool:
+        """True when the probability bars are on screen."""
+        return not self.grid_host.isHidden()
+
     def clear(self, text: str = "No case") -> None:
         self.prediction = self.comparison = None
+        self.details_toggle.blockSignals(True)
+        self.details_toggle.setChecked(False)
+        self.details_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.details_toggle.blockSignals(False)
+        self.details_toggle.hide()
+        self.grid_host.show()
         self.headline.setText(text)
         self.headline.setProperty("state", "")
         self._repolish(self.headline)
@@ -238,6 +282,9 @@ class PredictionsPanel(QGroupBox):
         self.frame_index = frame_index
         student = comparison.student if comparison is not None else prediction
         teacher = comparison.teacher if comparison is not None else None
+        if student.refused is not None:
+            self._show_refused(student)
+            return
         names = list(student.class_names)
         self._set_classes(names, teacher is not None)
         probs = [float(v) for v in student.probabilities]
@@ -251,8 +298,12 @@ class PredictionsPanel(QGroupBox):
             self._repolish(lab)
         series = student.per_slice is not None and len(student.frames) > 1
         scope = f" (series of {len(student.frames)})" if series else ""
-        self.headline.setText(f"Student: {student.label}  {student.probability * 100:.0f}%{scope}")
-        self.headline.setProperty("state", "result")
+        if student.ood_flag:
+            self.headline.setText(f"No reliable answer{scope}")
+            self.headline.setProperty("state", "unreliable")
+        else:
+            self.headline.setText(f"Student: {student.label}  {student.probability * 100:.0f}%{scope}")
+            self.headline.setProperty("state", "result")
         self._repolish(self.headline)
         cal = (
             f"calibrated (T = {student.temperature:.2f})"
@@ -293,8 +344,9 @@ class PredictionsPanel(QGroupBox):
 
         if student.ood_flag:
             self.ood_box.setText(
-                f"⚠ Out of distribution: this image looks unlike the training data (score "
-                f"{student.ood_score:.1f} > {student.ood_threshold:.1f}). The prediction may be meaningless."
+                f"⚠ This image looks unlike the model's training data (OOD score {student.ood_score:.1f} > "
+                f"{student.ood_threshold:.1f}), so the model has no reliable answer for it. Its output "
+                "is behind “Show the model's output anyway”, for reference only."
             )
             self.ood_box.show()
         else:
@@ -310,6 +362,24 @@ class PredictionsPanel(QGroupBox):
             parts.append(f"OOD score {student.ood_score:.1f} (ok)")
         self.timing.setText("Inference: " + " · ".join(parts))
         self._update_slices()
+        self._apply_visibility()
+
+    def _show_refused(self, student: Any) -> None:
+        """The modality gate refused the study: the reason, no class, no bars."""
+        self.headline.setText("No answer for this image")
+        self.headline.setProperty("state", "refused")
+        self._repolish(self.headline)
+        self.subline.setText(f"Not classified: {student.refused}. The model was not run on it.")
+        for lab, sb, tb in self.rows:
+            sb.set_value(None)
+            tb.set_value(None)
+            lab.setProperty("winner", False)
+            self._repolish(lab)
+        self.badge.hide()
+        self.disagree_box.hide()
+        self.ood_box.hide()
+        self.timing.setText("")
+        self._apply_visibility()
 
     def set_frame(self, index: int) -> None:
         self.frame_index = index
@@ -317,7 +387,7 @@ class PredictionsPanel(QGroupBox):
 
     def _update_slices(self) -> None:
         student = self.comparison.student if self.comparison is not None else self.prediction
-        if student is None or not student.per_slice:
+        if student is None or not student.per_slice or student.refused is not None:
             self.slice_label.hide()
             self.slice_strip.hide()
             return
@@ -339,3 +409,4 @@ class PredictionsPanel(QGroupBox):
             self.slice_label.setText(f"Per-slice P({names[pos]}):")
         self.slice_label.show()
         self.slice_strip.show()
+        self._apply_visibility()

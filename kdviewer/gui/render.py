@@ -26,11 +26,16 @@ def render_case(
     saliency: str | None = None,
     timeout_s: float = 300.0,
     size: tuple[int, int] = RENDER_SIZE,
+    answer: dict[str, str] | None = None,
 ) -> Path:
     """Render ``case`` with ``bundle`` (default: the demo bundle) to ``out`` (PNG); returns the path.
 
     Raises the loading error (an `ImageError` / `BundleError`) when the case or the model cannot be
     opened, so scripts fail loudly instead of saving a picture of an error.
+
+    ``answer``, when given, is filled with what the picture says in words: ``headline`` (the
+    predictions panel's headline: the label, "No reliable answer" or "No answer for this image"),
+    ``detail`` (the refusal reason / OOD warning / calibration line) and ``refused`` / ``ood_flag``.
     """
     from kdviewer.gui.app import ensure_app, initial_bundle
     from kdviewer.gui.main_window import MainWindow
@@ -71,6 +76,16 @@ def render_case(
             if win.study is None:
                 raise ImageError(win.last_error or "could not open the case", None)
             app.processEvents()
+            if answer is not None:
+                panel = win.predictions
+                pred = win.result.prediction if win.result is not None else None
+                warn = panel.ood_box.text() if not panel.ood_box.isHidden() else ""
+                answer.update(
+                    headline=panel.headline.text(),
+                    detail=warn or panel.subline.text(),
+                    refused=(pred.refused or "") if pred is not None else "",
+                    ood_flag="true" if pred is not None and pred.ood_flag else "false",
+                )
             out_path = Path(out)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             if not win.grab().save(str(out_path), "PNG"):

@@ -1,8 +1,10 @@
 """Live pyqtgraph curves fed by the engine's events: loss per step, validation per epoch, learning rate.
 
 The x axis of the step plots is a running step count across stages (teacher fine-tune, then
-distillation), with a labelled vertical line where each stage starts; the validation plot uses a running
-epoch count the same way.
+distillation), with a labelled vertical line where each stage starts; the validation plot places epochs
+the same way but *numbers* them per stage (the student's first epoch is 1, not the teacher's count + 1).
+Legends sit in their own column to the right of each plot, never over the curves; the learning rate has
+its own logarithmic axis (1e-3 is not a flat line at 0 on a +-0.4 scale).
 """
 
 from __future__ import annotations
@@ -67,6 +69,37 @@ class _Series:
             self.dirty = False
 
 
+class StageEpochAxis(pg.AxisItem):
+    """Bottom axis of the validation plot: ticks at running positions, labelled with the epoch number
+    within their stage (positions after a stage start at ``offset`` read ``x - offset``)."""
+
+    def __init__(self) -> None:
+        super().__init__("bottom")
+        self.offsets: list[float] = [0.0]
+
+    def epoch_label(self, x: float) -> str:
+        start = max((o for o in self.offsets if o < x), default=0.0)
+        v = x - start
+        return f"{v:g}" if abs(v - round(v)) < 1e-6 else ""
+
+    def tickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:
+        return [self.epoch_label(v * scale) for v in values]
+
+
+class LrAxis(pg.AxisItem):
+    """Left axis of the learning-rate plot (log mode): labels at 1, 2 and 5 x 10^k only, so the minor
+    ticks of a narrow range do not pile up into unreadable text."""
+
+    def logTickStrings(self, values: list[float], scale: float, spacing: float) -> list[str]:
+        out = []
+        for v in values:
+            x = 10 ** (v * scale)
+            mantissa = x / 10 ** math.floor(math.log10(x)) if x > 0 else 0.0
+            keep = any(abs(mantissa - m) < 1e-6 * m for m in (1.0, 2.0, 5.0))
+            out.append(f"{x:g}" if keep else "")
+        return out
+
+
 class TrainingCurves(QWidget):
     """Three stacked plots: training loss (total + components), validation metrics, learning rate."""
 
@@ -75,13 +108,29 @@ class TrainingCurves(QWidget):
         pg.setConfigOptions(antialias=True)
         self.view = pg.GraphicsLayoutWidget()
         self.view.setBackground("w")
+        self.epoch_axis = StageEpochAxis()
         self.loss_plot: pg.PlotItem = self.view.addPlot(row=0, col=0, title="Training loss (per step)")
-        self.val_plot: pg.PlotItem = self.view.addPlot(row=1, col=0, title="Validation metrics (per epoch)")
-        self.lr_plot: pg.PlotItem = self.view.addPlot(row=2, col=0, title="Learning rate")
-        for plot, xlabel in ((self.loss_plot, "step"), (self.val_plot, "epoch"), (self.lr_plot, "step")):
+        self.val_plot: pg.PlotItem = self.view.addPlot(
+            row=1, col=0, title="Validation metrics (per epoch)", axisItems={"bottom": self.epoch_axis}
+        )
+        self.lr_plot: pg.PlotItem = self.view.addPlot(
+            row=2, col=0, title="Learning rate (log scale)", axisItems={"left": LrAxis("left")}
+        )
+        self.legends: dict[int, pg.LegendItem] = {}
+        for row, (plot, xlabel) in enumerate(
+            ((self.loss_plot, "step"), (self.val_plot, "epoch of each stage"), (self.lr_plot, "step"))
+        ):
             plot.showGrid(x=True, y=True, alpha=0.25)
             plot.setLabel("bottom", xlabel)
-            plot.addLegend(offset=(-10, 10), labelTextSize="8pt")
+            # the legend gets its own column, beside the plot (it covered the curves inside it)
+            legend = pg.LegendItem(labelTextSize="8pt", verSpacing=-4)
+            self.view.addItem(legend, row=row, col=1)
+            self.legends[id(plot)] = legend
+        self.view.ci.layout.setColumnStretchFactor(0, 5)
+        self.view.ci.layout.setColumnStretchFactor(1, 1)
+        self.lr_plot.setLogMode(y=True)
+        self.lr_plot.getAxis("left").enableAutoSIPrefix(False)  # ticks read 0.001, not "1 (x0.001)"
+        self.lr_plot.setLabel("left", "lr")
         self.lr_plot.setXLink(self.loss_plot)
         self.val_plot.setYRange(0.0, 1.0, padding=0.03)  # accuracy, AUC, F1... all live in [0, 1]
         self.val_plot.enableAutoRange(axis="y", enable=False)
@@ -98,8 +147,8 @@ class TrainingCurves(QWidget):
     def reset(self) -> None:
         for plot in (self.loss_plot, self.val_plot, self.lr_plot):
             plot.clear()
-            if plot.legend is not None:
-                plot.legend.clear()
+            self.legends[id(plot)].clear()
+        self.epoch_axis.offsets = [0.0]
         self.loss: dict[str, _Series] = {}
         self.val: dict[str, _Series] = {}
         self.lr: dict[str, _Series] = {}
@@ -124,6 +173,7 @@ class TrainingCurves(QWidget):
         if name not in table:
             color = _PALETTE[len(table) % len(_PALETTE)]
             table[name] = _Series(plot, name, color, **kw)
+            self.legends[id(plot)].addItem(table[name].item, name)
         return table[name]
 
     def _mark_stage(self, stage: str, x_step: float, x_epoch: float) -> None:
@@ -160,6 +210,10 @@ class TrainingCurves(QWidget):
                 if series.x and math.isfinite(series.y[-1]):
                     series.add(series.x[-1], math.nan)
         self._stage = stage
+        if self._epoch_offset not in self.epoch_axis.offsets:
+            self.epoch_axis.offsets.append(self._epoch_offset)
+            self.epoch_axis.picture = None  # relabel the ticks
+            self.epoch_axis.update()
         self._stage_first_step = None
         self._stage_first_epoch = None
         if self._last_step > 0 or self._last_epoch > 0 or stage != "student":
@@ -178,7 +232,7 @@ class TrainingCurves(QWidget):
             for name, value in comps.items():
                 if _finite(value) and name not in ("total", "loss"):
                     self._series(self.loss, self.loss_plot, str(name), width=1.2).add(x, float(value))
-        if _finite(ev.get("lr")):
+        if _finite(ev.get("lr")) and float(ev["lr"]) > 0:  # (log axis)
             self._series(self.lr, self.lr_plot, self._stage or "lr").add(x, float(ev["lr"]))
         self._schedule()
 

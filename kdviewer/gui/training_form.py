@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -28,6 +28,8 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -358,6 +360,27 @@ class TrainingForm(QWidget):
             ]
         )
         self._row(f, "Task", "task", ("task",), self.task)
+        # Classes: typed, or chosen from the labels Check found in the data (folder / CSV labels).
+        cls = QWidget()
+        cv = QVBoxLayout(cls)
+        cv.setContentsMargins(0, 0, 0, 0)
+        cv.setSpacing(2)
+        self.classes = QLineEdit()
+        self.classes.setPlaceholderText("all labels found in the data (press Check to list them)")
+        self.classes_found = QLabel("")
+        self.classes_found.setObjectName("Dim")
+        self.classes_found.setWordWrap(True)
+        self.found_list = QListWidget()
+        self.found_list.setMaximumHeight(96)
+        self.found_list.setToolTip("Tick the labels to train on (in this order); matching ignores case")
+        self.found_list.itemChanged.connect(self._found_ticked)
+        self.found_list.hide()
+        cv.addWidget(self.classes)
+        cv.addWidget(self.classes_found)
+        cv.addWidget(self.found_list)
+        self._row(f, "Classes", "classes", ("data", "classes"), cls,
+                  "Comma-separated class names (folder names or CSV labels; case does not matter). "
+                  "Empty: every label found")
         self.input_size = _spin(16, 1024)
         self.input_size.setSuffix(" px")
         self._row(f, "Input size", "input_size", ("preprocessing", "input_size"), self.input_size)
@@ -529,6 +552,9 @@ class TrainingForm(QWidget):
         self.val_frac.setValue(float(g("data", "val_fraction") or 0.3))
         self.test_frac.setValue(float(g("data", "test_fraction") or 0.0))
         set_combo(self.task, full.get("task") or "single-label")
+        classes = g("data", "classes")
+        self.classes.setText(", ".join(str(c) for c in classes) if isinstance(classes, list) else "")
+        self.show_data_summary(None)
         self.input_size.setValue(int(g("preprocessing", "input_size") or 224))
         self.hflip.setChecked(bool(g("preprocessing", "augment", "hflip")))
         self.rotation.setValue(int(float(g("preprocessing", "augment", "rotation") or 0)))
@@ -600,6 +626,11 @@ class TrainingForm(QWidget):
             if not is_csv:  # (with a CSV, a root the preset names is kept: CSV paths may be relative to it)
                 del_path(cfg, ("data", "csv"))
         set_path(cfg, ("data", "split"), combo_value(self.split))
+        chosen = self.chosen_classes()
+        if chosen:
+            set_path(cfg, ("data", "classes"), chosen)
+        else:
+            del_path(cfg, ("data", "classes"))
         set_path(cfg, ("data", "val_fraction"), round(self.val_frac.value(), 4))
         set_path(cfg, ("data", "test_fraction"), round(self.test_frac.value(), 4))
         cfg["task"] = combo_value(self.task)
@@ -668,6 +699,51 @@ class TrainingForm(QWidget):
         if not get_path(self.base, ("output", "name")):
             set_path(cfg, ("output", "name"), self.run_name.text().strip())
         return cfg
+
+    # -- classes found in the data -----------------------------------------------------------------
+    def chosen_classes(self) -> list[str]:
+        return [c.strip() for c in self.classes.text().split(",") if c.strip()]
+
+    def show_data_summary(self, summary: dict[str, Any] | None) -> None:
+        """What Check found in the data: the labels with their image counts (tickable) and the split."""
+        self.found_list.blockSignals(True)
+        self.found_list.clear()
+        found = (summary or {}).get("labels_found") or {}
+        if not found:
+            self.found_list.hide()
+            self.classes_found.setText("")
+            self.found_list.blockSignals(False)
+            return
+        chosen = {c.lower() for c in self.chosen_classes()}
+        for label, n in found.items():
+            item = QListWidgetItem(f"{label}  ({n} images)")
+            item.setData(Qt.ItemDataRole.UserRole, label)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            on = not chosen or label.lower() in chosen
+            item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+            self.found_list.addItem(item)
+        self.found_list.show()
+        self.found_list.blockSignals(False)
+        used = (summary or {}).get("classes")
+        counts = (summary or {}).get("counts") or {}
+        if used:
+            self.classes_found.setText(
+                f"Found {len(found)} label(s) in the data; training on {', '.join(used)}: "
+                f"{counts.get('train', 0)} train / {counts.get('val', 0)} val / "
+                f"{counts.get('test', 0)} test images."
+            )
+        else:
+            self.classes_found.setText(
+                f"Found {len(found)} label(s) in the data: tick the ones to train on."
+            )
+
+    def _found_ticked(self, _item: QListWidgetItem) -> None:
+        ticked = [
+            str(self.found_list.item(i).data(Qt.ItemDataRole.UserRole))
+            for i in range(self.found_list.count())
+            if self.found_list.item(i).checkState() == Qt.CheckState.Checked
+        ]
+        self.classes.setText(", ".join(ticked) if len(ticked) < self.found_list.count() else "")
 
     # -- validation --------------------------------------------------------------------------------
     def clear_errors(self) -> None:

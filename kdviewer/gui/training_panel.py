@@ -97,6 +97,7 @@ class TrainingPanel(QWidget):
         self._run_started = 0.0
         self._written_config: dict[str, Any] | None = None
         self._start_after_check = False
+        self._preset_folders: dict[str, str] = {}  # data/output folders as the last recipe set them
 
         self.engine = EngineProcess(self)
         self.engine.event.connect(self._on_event)
@@ -246,17 +247,19 @@ class TrainingPanel(QWidget):
     def _preset_chosen(self, index: int) -> None:
         name = self.preset_combo.itemData(index)
         if name and name in self.presets:
+            # Folders the user chose are kept across recipes; folders that came from the previous recipe
+            # follow the new one (the output folder stayed runs/pneumoniamnist after choosing 002).
             keep = {
                 "data": self.form.data_path.text(),
                 "out": self.form.output_dir.text(),
-                "device": self.form.device.currentData(),
             }
+            from_preset = self._preset_folders
             self.form.load_config(copy.deepcopy(self.presets[name][1]))
-            # The user's data and output folders are not part of a recipe.
-            if keep["data"]:
+            if keep["data"] and keep["data"] != from_preset.get("data"):
                 self.form.data_path.setText(keep["data"])
-            if keep["out"]:
+            if keep["out"] and keep["out"] != from_preset.get("out"):
                 self.form.output_dir.setText(keep["out"])
+            self._preset_folders = {"data": self.form.data_path.text(), "out": self.form.output_dir.text()}
             self.form_status.setText(f"Loaded recipe {self.presets[name][0].name}.")
 
     def load_preset(self, stem: str) -> bool:
@@ -328,6 +331,7 @@ class TrainingPanel(QWidget):
     def _on_checked(self, ok: bool, errors: list) -> None:
         self._set_state("idle")
         if not ok:
+            self.form.show_data_summary(self.checker.summary)  # e.g. the labels found when none matched
             placed = self.form.show_errors(errors, self._written_config)
             n = len(errors)
             self.form_status.setText(
@@ -336,7 +340,15 @@ class TrainingPanel(QWidget):
             )
             return
         self.form.clear_errors()
-        self.form_status.setText("Settings are valid.")
+        self.form.show_data_summary(self.checker.summary)
+        counts = self.checker.summary.get("counts") or {}
+        classes = ", ".join(self.checker.summary.get("classes") or [])
+        found = (
+            f" Data: {classes} — {counts.get('train', 0)} train / {counts.get('val', 0)} val / "
+            f"{counts.get('test', 0)} test images."
+            if counts else ""
+        )
+        self.form_status.setText("Settings are valid." + found)
         if self._start_after_check and self.config_path is not None:
             self._launch(self.config_path, resume=False)
 

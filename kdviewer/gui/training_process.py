@@ -281,10 +281,12 @@ class _OneShot(QObject):
 
 
 class ConfigCheck(QObject):
-    """``python -m training check CONFIG --json`` → ``checked(ok, errors)``.
+    """``python -m training check CONFIG --json --data`` → ``checked(ok, errors)``.
 
+    The same validation as a run's start, data discovery included (images and classes found);
     ``errors`` is a list of ``{"loc": [...], "msg": str}``; a process failure becomes one error with an
-    empty ``loc`` carrying the stderr tail.
+    empty ``loc`` carrying the stderr tail. ``summary`` holds what was found in the data (labels with
+    their counts, the classes used, the split sizes) once ``checked`` fired.
     """
 
     checked = Signal(bool, list)
@@ -292,6 +294,7 @@ class ConfigCheck(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._job: _OneShot | None = None
+        self.summary: dict[str, Any] = {}
 
     def is_running(self) -> bool:
         return self._job is not None and self._job.is_running()
@@ -301,13 +304,28 @@ class ConfigCheck(QObject):
             self._job.kill()
 
     def start(self, config_path: str | Path) -> None:
-        self._job = _OneShot(["-m", "training", "check", str(config_path), "--json"], self)
+        self.summary = {}
+        self._job = _OneShot(["-m", "training", "check", str(config_path), "--json", "--data"], self)
         self._job.done.connect(self._done)
         self._job.start()
 
     def _done(self, code: int, out: str, err: str) -> None:
         errors = parse_check_output(out, err, code)
+        self.summary = parse_check_summary(out)
         self.checked.emit(code == 0 and not errors, errors)
+
+
+def parse_check_summary(out: str) -> dict[str, Any]:
+    """The ``data`` part of ``check --json --data`` output ({} when absent)."""
+    for candidate in (out.strip(), *reversed(out.strip().splitlines())):
+        try:
+            payload = json.loads(candidate)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("data"), dict):
+            return payload["data"]
+        return {}
+    return {}
 
 
 def parse_check_output(out: str, err: str, code: int) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -181,11 +182,27 @@ class TrainingReport(QWidget):
         self.html_button = QPushButton("Full report (HTML)")
         self.html_button.clicked.connect(self._show_html)
         self.html_report: str | None = None
+        # The bundle path and the SYNTHETIC note get lines of their own (a long path ran into the note):
+        # the path is elided in the middle to the width available, in full in its tooltip.
+        self.bundle_label = QLabel("")
+        self.bundle_label.setObjectName("Dim")
+        self.bundle_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.bundle_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.bundle_label.hide()
+        self._bundle_text = ""
+        self.synthetic_note = QLabel("Trained on SYNTHETIC data — not for clinical use.")
+        self.synthetic_note.setStyleSheet("font-weight: bold; color: #e0a030;")
+        self.synthetic_note.hide()
+        text_col = QVBoxLayout()
+        text_col.setSpacing(2)
+        text_col.addWidget(self.summary)
+        text_col.addWidget(self.bundle_label)
+        text_col.addWidget(self.synthetic_note)
         top = QHBoxLayout()
-        top.addWidget(self.summary, 1)
-        top.addWidget(self.html_button)
-        top.addWidget(self.folder_button)
-        top.addWidget(self.open_button)
+        top.addLayout(text_col, 1)
+        top.addWidget(self.html_button, 0, Qt.AlignmentFlag.AlignTop)
+        top.addWidget(self.folder_button, 0, Qt.AlignmentFlag.AlignTop)
+        top.addWidget(self.open_button, 0, Qt.AlignmentFlag.AlignTop)
 
         self.metrics_table = self._table(["Metric", "Student", "95% CI"])
         self.confusion_table = QTableWidget(0, 0)
@@ -200,7 +217,11 @@ class TrainingReport(QWidget):
         self.roc_plot.showGrid(x=True, y=True, alpha=0.25)
         self.roc_note = QLabel("")
         self.roc_note.setWordWrap(True)
-        self.complexity_table = self._table(["Measure", "Student", "Teacher", "Student / teacher"])
+        self.complexity_table = self._table(["Measure", "Student", "Teacher", "S / T"])
+        # long measure names wrap in a column that takes the width left, so the numbers stay visible
+        self.complexity_table.setWordWrap(True)
+        self.complexity_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.complexity_table.horizontalHeader().setMinimumSectionSize(60)
 
         grid = QGridLayout()
         self.metrics_box = self._box("Metrics (held-out)", self.metrics_table)
@@ -234,7 +255,31 @@ class TrainingReport(QWidget):
         t.verticalHeader().setVisible(False)
         t.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         t.horizontalHeader().setStretchLastSection(False)
+        t.setVerticalScrollMode(QTableWidget.ScrollMode.ScrollPerPixel)
         return t
+
+    @staticmethod
+    def fit_rows(t: QTableWidget, max_rows: int = 14) -> None:
+        """Make the table tall enough for all its rows (up to ``max_rows``): it showed 2.5 of them."""
+        t.resizeRowsToContents()
+        rows = sum(t.rowHeight(r) for r in range(min(t.rowCount(), max_rows)))
+        scroll = t.horizontalScrollBar().sizeHint().height() if t.horizontalScrollBar().isVisible() else 0
+        t.setMinimumHeight(t.horizontalHeader().height() + rows + 2 * t.frameWidth() + scroll + 2)
+
+    def _set_bundle_text(self, text: str) -> None:
+        self._bundle_text = text
+        self.bundle_label.setToolTip(text)
+        self.bundle_label.setVisible(bool(text))
+        self._elide_bundle()
+
+    def _elide_bundle(self) -> None:
+        fm = self.bundle_label.fontMetrics()
+        width = max(80, self.bundle_label.width())
+        self.bundle_label.setText(fm.elidedText(self._bundle_text, Qt.TextElideMode.ElideMiddle, width))
+
+    def resizeEvent(self, event: Any) -> None:
+        super().resizeEvent(event)
+        self._elide_bundle()
 
     @staticmethod
     def _box(title: str, widget: QWidget) -> QGroupBox:
@@ -247,6 +292,8 @@ class TrainingReport(QWidget):
     def clear(self) -> None:
         self.bundle_path = None
         self.summary.setText("No finished run yet.")
+        self._set_bundle_text("")
+        self.synthetic_note.hide()
         self.metrics_table.setRowCount(0)
         self.confusion_table.clear()
         self.confusion_table.setRowCount(0)
@@ -333,10 +380,10 @@ class TrainingReport(QWidget):
             parts.append("Run finished" + (f" in {elapsed / 60:.1f} min" if elapsed else "") + ".")
         if results:
             parts.append(f"Metrics on the {split or 'held-out'} split.")
-        if bundle:
-            parts.append(f"Bundle: {bundle}" + ("" if self.bundle_path else " (missing)"))
-        if (start and start.get("synthetic")) or (manifest or {}).get("synthetic_data"):
-            parts.append("Trained on SYNTHETIC data — not for clinical use.")
+        missing = "" if self.bundle_path else " (missing)"
+        self._set_bundle_text(f"Bundle: {bundle}{missing}" if bundle else "")
+        synthetic = bool((start and start.get("synthetic")) or (manifest or {}).get("synthetic_data"))
+        self.synthetic_note.setVisible(synthetic)
         self.summary.setText(" ".join(parts))
         self.open_button.setEnabled(self.bundle_path is not None and self._open_bundle is not None)
         self.folder_button.setEnabled(self.bundle_path is not None)
@@ -372,7 +419,7 @@ class TrainingReport(QWidget):
             if isinstance(value, dict):
                 v = _num(value.get("value"))
                 lo, hi = _num(value.get("ci_low")), _num(value.get("ci_high"))
-                ci = f"{lo:.3f} – {hi:.3f}" if lo is not None and hi is not None else ""
+                ci = f"{lo:.2f}–{hi:.2f}" if lo is not None and hi is not None else ""  # compact: fits
             else:
                 v, ci = _num(value), ""
             return (f"{v:.3f}" if v is not None else ("–" if value is not None else "")), ci
@@ -387,6 +434,7 @@ class TrainingReport(QWidget):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 t.setItem(r, c, item)
         self.metrics_box.setTitle(f"Metrics on the {split} split (bootstrap 95% CI)" if split else "Metrics")
+        self.fit_rows(t)
 
     def _fill_confusion(self, matrix: Any, names: list[str]) -> None:
         t = self.confusion_table
@@ -485,7 +533,7 @@ class TrainingReport(QWidget):
         cols = ["Measure", *models]
         has_pair = "student" in models and "teacher" in models
         if has_pair:
-            cols.append("Student / teacher")
+            cols.append("S / T")
         t = self.complexity_table
         t.setColumnCount(len(cols))
         t.setHorizontalHeaderLabels(cols)
@@ -505,6 +553,7 @@ class TrainingReport(QWidget):
         if not measures:
             t.setRowCount(1)
             t.setItem(0, 0, QTableWidgetItem("no complexity figures in this run"))
+        self.fit_rows(t, max_rows=8)
 
     # -- actions -----------------------------------------------------------------------------------
     def open_in_viewer(self) -> None:

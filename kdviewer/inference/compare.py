@@ -5,6 +5,9 @@
 * ``js_divergence`` = Jensen-Shannon divergence in bits (in [0, 1]); multi-label: the mean of the
   per-label Bernoulli JS divergences.
 * ``disagree`` = the labels differ, or TV > ``manifest.disagreement_threshold``.
+
+A study refused by the modality gate (``Prediction.refused``) has no probabilities to compare: the
+comparison reports agreement (both gave no class), divergence 0 and no disagreement.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class Comparison:
 def compare_predictions(
     student: Prediction, teacher: Prediction, threshold: float, multi_label: bool = False
 ) -> Comparison:
+    if student.refused is not None or teacher.refused is not None:
+        return Comparison(student, teacher, True, 0.0, 0.0, float(threshold), disagree=False)
     tv = total_variation(student.probabilities, teacher.probabilities, multi_label)
     js = js_divergence(student.probabilities, teacher.probabilities, multi_label)
     agree = student.label == teacher.label

@@ -19,6 +19,12 @@ is computed as follows, documented here because it is a clinical choice:
 * OOD: the series score is the **median** of slice scores (the few slices above or below the lungs
   must not flag a whole chest CT), flagged when above the threshold.
 
+Modality gate: a bundle lists the DICOM modalities it reads (``manifest.modality``, e.g. CR, DX). A
+study of another modality (a CT series given to a radiograph model) is not run through the model at
+all: its `Prediction` has ``refused`` set to a human-readable reason, ``label == ""``,
+``label_index == -1`` and NaN probabilities. Studies without a DICOM modality (PNG/JPEG load as "OT")
+are not refused here; the OOD guard judges them.
+
 Teacher comparison: see `kdviewer.inference.compare` (total variation, Jensen-Shannon, disagreement
 flag when labels differ or TV > ``manifest.disagreement_threshold``).
 """
@@ -109,11 +115,20 @@ class Prediction:
     per_slice: list[dict[str, Any]] | None = None  # [{"index", "probabilities", "label", "ood_score"}]
     logits: np.ndarray | None = None  # (n_frames, K)
     positives: list[str] = field(default_factory=list)  # multi-label: labels with p >= 0.5
+    #: None when the model answered; the reason when the modality gate refused the study (no class then)
+    refused: str | None = None
 
     @property
     def probability(self) -> float:
-        """Probability of the predicted label."""
+        """Probability of the predicted label (NaN when the study was refused)."""
+        if self.refused is not None or self.label_index < 0:
+            return float("nan")
         return float(self.probabilities[self.label_index])
+
+    @property
+    def reliable(self) -> bool:
+        """False when there is no answer to show as one: refused, or flagged by the OOD guard."""
+        return self.refused is None and not self.ood_flag
 
     def prob_of(self, name: str) -> float:
         return float(self.probabilities[self.class_names.index(name)])
@@ -124,7 +139,10 @@ class Prediction:
             "task": self.task,
             "label": self.label,
             "label_index": self.label_index,
-            "probabilities": {n: float(p) for n, p in zip(self.class_names, self.probabilities, strict=True)},
+            "refused": self.refused,
+            "probabilities": {} if self.refused is not None else {
+                n: float(p) for n, p in zip(self.class_names, self.probabilities, strict=True)
+            },
             "positives": list(self.positives),
             "calibrated": self.calibrated,
             "temperature": self.temperature,
@@ -137,6 +155,45 @@ class Prediction:
             "aggregate": self.aggregate,
             "per_slice": self.per_slice,
         }
+
+
+# ------------------------------------------------------------------------------------ modality gate
+
+#: What a DICOM modality code means, for the gate's messages.
+MODALITY_WORDS = {
+    "CR": "radiographs", "DX": "radiographs", "RG": "radiographs", "CT": "CT", "MR": "MR", "PT": "PET",
+    "NM": "nuclear medicine", "US": "ultrasound", "MG": "mammograms", "XA": "angiograms",
+    "RF": "fluoroscopy", "SC": "secondary captures", "OT": "other images",
+}
+#: Modalities the gate never refuses: ordinary pictures carry no DICOM modality and load as "OT".
+UNGATED = frozenset({"", "OT"})
+
+
+def _modality_words(codes: list[str]) -> str:
+    words: list[str] = []
+    for c in codes:
+        w = MODALITY_WORDS.get(c.upper(), c.upper())
+        if w not in words:
+            words.append(w)
+    return " / ".join(words)
+
+
+def modality_refusal(accepted: list[str] | tuple[str, ...], modality: str | None) -> str | None:
+    """The modality gate: None when a model reading ``accepted`` may answer for a study of ``modality``,
+    else the human-readable reason it gives no class.
+
+    An empty ``accepted`` list means the bundle declares no modality (no gate). Studies without a DICOM
+    modality (PNG/JPEG, "OT") pass: the OOD guard judges them.
+    """
+    mod = (modality or "").strip().upper()
+    codes = [str(c).strip().upper() for c in accepted if str(c).strip()]
+    if not codes or mod in UNGATED or mod in codes:
+        return None
+    what = MODALITY_WORDS.get(mod, "")
+    return (
+        f"this model reads chest {_modality_words(codes)} ({', '.join(codes)}); "
+        f"this image is {mod}{f' ({what})' if what and what != mod else ''}"
+    )
 
 
 # -------------------------------------------------------------------------------------- classifier
@@ -360,11 +417,38 @@ class Classifier:
             positives=pos,
         )
 
+    # -- modality gate ----------------------------------------------------------------------------
+    def refusal(self, study_or_modality: Study | str | None) -> str | None:
+        """Why this model gives no class for a study (or a DICOM modality code); None when it may answer."""
+        modality = study_or_modality.modality if isinstance(study_or_modality, Study) else study_or_modality
+        return modality_refusal(self.manifest.modality, modality)
+
+    def refused_prediction(self, reason: str, frames: list[int] | None = None,
+                           role: Literal["student", "teacher"] = "student") -> Prediction:
+        """The answer for a refused study: no class, no probabilities, the reason."""
+        return Prediction(
+            class_names=self.class_names,
+            probabilities=np.full(len(self.class_names), np.nan, np.float32),
+            label="",
+            label_index=-1,
+            task=self.manifest.task,
+            role=role,
+            runtime="",
+            calibrated=self.calibrated,
+            temperature=self.temperature,
+            frames=list(frames or []),
+            refused=reason,
+        )
+
     # -- public -----------------------------------------------------------------------------------
     def predict(self, study: Study, frames: Frames = None, role: Literal["student", "teacher"] = "student"
                 ) -> Prediction:
         """Classify a study. ``frames``: None = middle frame of an image / every slice of a CT volume;
-        "all"; "middle"; or a list of frame indices."""
+        "all"; "middle"; or a list of frame indices. A study the modality gate refuses is not run
+        through the model: the `Prediction` carries ``refused`` and no class."""
+        reason = self.refusal(study)
+        if reason is not None:
+            return self.refused_prediction(reason, _frame_indices(study, frames), role)
         t0 = time.perf_counter()
         batch, idx = self.preprocess(study, frames)
         t1 = time.perf_counter()
@@ -377,7 +461,13 @@ class Classifier:
         return pred
 
     def compare(self, study: Study, frames: Frames = None) -> Comparison:
-        """Student and teacher on the same input (preprocessed once)."""
+        """Student and teacher on the same input (preprocessed once); both refused by the modality gate
+        (without running either model) when the study is of a modality the bundle does not read."""
+        reason = self.refusal(study)
+        if reason is not None:
+            idx = _frame_indices(study, frames)
+            return self.compare_predictions(self.refused_prediction(reason, idx, "student"),
+                                            self.refused_prediction(reason, idx, "teacher"))
         t0 = time.perf_counter()
         batch, idx = self.preprocess(study, frames)
         pre_ms = (time.perf_counter() - t0) * 1e3
