@@ -11,6 +11,7 @@ import yaml
 
 from training import ablate
 from training.cli import main as kd_train
+from training.zoo import create_model
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,7 @@ def recipe_and_teacher(tmp_path_factory) -> tuple[Path, Path]:
         encoding="utf-8",
     )
     teacher = root / "teacher.pt"
-    torch.save(
-        __import__("training.zoo", fromlist=["create_model"]).create_model("cxrnet_s", 2).state_dict(),
-        teacher,
-    )
+    torch.save(create_model("cxrnet_s", 2).state_dict(), teacher)
     return recipe, teacher
 
 

@@ -85,7 +85,10 @@ def test_xray_model_flags_ct_noise_and_non_chest_images(tmp_path: Path) -> None:
     assert in_flags.mean() <= 0.1
     # a CT series (read from DICOM, HU) given to the X-ray model
     write_ct_series(tmp_path / "ct", ct_volume(np.random.default_rng(1), n=4, size=96))
-    ct = clf.predict(load(tmp_path / "ct"))
+    study = load(tmp_path / "ct")
+    assert clf.predict(study).refused is not None  # the modality gate answers first (CT is not CR/DX) ...
+    batch, _ = clf.preprocess(study, "all")
+    ct = clf.predict_batch([batch])[0]  # ... and the guard on its own flags the CT pixels too
     assert ct.ood_flag, f"CT series not flagged: {ct.ood_score:.2f} <= {ct.ood_threshold:.2f}"
     assert all(s["ood_score"] > ct.ood_threshold for s in ct.per_slice)
     rng = np.random.default_rng(3)

@@ -69,10 +69,12 @@ def test_recipe_is_valid_and_every_kd_method_builds() -> None:
     student = build_model(cfg.student.arch, 2, 1)
     teacher = build_model(cfg.teacher.arch, 2, 1).eval()
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 1, 0])
+    from training.ablate import method_settings
     from training.config import KDConfig
     from training.losses import FeatureHooks
 
-    for name, methods in script.ABLATION.items():
+    for name in script.ABLATION_METHODS:
+        methods = method_settings(cfg, name)
         if methods is None:
             continue
         kd = KDConfig(methods=methods)
@@ -121,7 +123,7 @@ def test_tiny_pneumoniamnist_run_end_to_end(shared_data: Path, tmp_path: Path) -
     script = _script()
     loader, names, paths = script.load_val(pm, limit=16)
     assert names == ["NORMAL", "PNEUMONIA"] and len(paths) == 16
-    ev = script.evaluate_student(out, "smallcnn_s", cfg.student.dropout, loader, names, n_boot=20)
+    ev = script.evaluate_student(out, loader, names, [f"data.root={pm}"], n_boot=20)
     assert 0.0 <= ev["metrics"]["accuracy"]["value"] <= 1.0
     assert "balanced_accuracy" in ev["metrics"]
 
