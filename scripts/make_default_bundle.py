@@ -10,7 +10,8 @@ What is shipped, to keep everything under resources/ (this bundle + the syntheti
 * ``student.pt`` and ``teacher.pt`` stored as float16 (half the bytes; loaded back into float32
   models). The script measures what that costs on val images and refuses to install when any
   probability moves by more than ``--max-dp``,
-* ``ood.npz``, ``model_card.md``, ``evaluation.json``, ``history.json`` and ``report.html``.
+* ``ood.npz``, ``model_card.md``, ``evaluation.json`` and ``history.json``; the HTML report goes to
+  ``docs/results/kermany_cxr_report.html`` instead (the bundle stays within the size budget).
 
 ``--sample`` also picks the viewer's sample case, ``resources/samples/cxr_kermany_sample.jpeg``: a val-split
 radiograph (never a training image) of the positive class that the installed student and teacher both
@@ -37,7 +38,8 @@ if str(ROOT) not in sys.path:
 RECIPE = ROOT / "training" / "recipes" / "kermany_cxr.yaml"
 TARGET = ROOT / "resources" / "models" / "kermany_cxr"
 BUDGET_BYTES = 40 * 1024**2
-COPY = ("manifest.json", "model_card.md", "evaluation.json", "history.json", "report.html", "ood.npz")
+COPY = ("manifest.json", "model_card.md", "evaluation.json", "history.json", "ood.npz")
+REPORT_COPY = ROOT / "docs" / "results" / "kermany_cxr_report.html"
 
 
 def half_state_dict(src: Path, dst: Path) -> None:
@@ -134,7 +136,7 @@ def pick_sample(target: Path, out: Path) -> Path:
         comp = clf.compare(load(path))
         s, t = comp.student, comp.teacher
         if s.label == t.label == positive and min(s.probability, t.probability) > 0.9 and not s.ood_flag:
-            shutil.copy2(path, out)
+            shutil.copyfile(path, out)
             return path
     raise SystemExit("no val case fits the sample criteria")
 
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no bundle at {bundle}: run with --train (or kd-train run {RECIPE})", file=sys.stderr)
         return 2
     drift = install(bundle, TARGET, args.max_dp)
+    if (bundle / "report.html").is_file():
+        shutil.copyfile(bundle / "report.html", REPORT_COPY)
     shipped = [q for d in ("models", "demo") for q in (ROOT / "resources" / d).rglob("*") if q.is_file()]
     total = sum(q.stat().st_size for q in shipped)
     print(f"installed {TARGET}; fp16 weights: max |Δp| {drift}")

@@ -264,3 +264,16 @@ def test_help_rows_fit_title_once_and_n_p_with_one_case(qtbot, window, gui_data,
     assert "Only one case is open" in window.statusBar().currentMessage()
     window.actions_by_id["prev_case"].trigger()
     assert "N / P step through" in window.statusBar().currentMessage()
+
+
+def test_a_note_about_one_case_goes_away_with_the_next_case(qtbot, window, gui_data, tmp_path) -> None:
+    from PIL import Image
+
+    colour = tmp_path / "colour.png"
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = np.arange(64, dtype=np.uint8)[None, :] * 3
+    Image.fromarray(rgb).save(colour)
+    open_and_wait(qtbot, window, colour)
+    assert window.message_bar.isVisible() and "grayscale" in window.message_bar.label.text()
+    open_and_wait(qtbot, window, gui_data["png"])  # a grayscale case: the colour note was about the last one
+    assert not window.message_bar.isVisible()

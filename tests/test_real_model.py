@@ -80,7 +80,7 @@ def _dicom(
         item = pydicom.Dataset()
         first, n = 0, 2**bits if bits <= 12 else 4096
         item.LUTDescriptor = [n, first, 16]
-        item.LUTData = np.linspace(0, 65535, n).astype(np.uint16).tolist()
+        item.add_new(0x00283006, "OW", np.linspace(0, 65535, n).astype("<u2").tobytes())  # LUTData
         ds.VOILUTSequence = Sequence([item])
     else:
         ds.WindowCenter, ds.WindowWidth = voi
@@ -165,5 +165,6 @@ def test_classify_without_model_uses_the_real_bundle(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     result_rows = _rows(out)
     assert len(result_rows) == 2 and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in result_rows)
-    text = (tmp_path / "out.json").read_text(encoding="utf-8")
-    assert open_bundle(DEFAULT).manifest.name in text and json.loads(text.splitlines()[0])
+    # the real bundle's classes (the synthetic demo's are "normal"/"pneumonia")
+    assert {"prob_NORMAL", "prob_PNEUMONIA"} <= set(result_rows[0])
+    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))[0]["label"] == result_rows[0]["label"]

@@ -507,7 +507,7 @@ class MainWindow(QMainWindow):
         self.slice_row.setVisible(n > 1)
         self._update_slice_label()
         self._update_window_menu()
-        if self.message_bar.level == "error":
+        if self.message_bar.level in ("error", "warning", "info"):  # about the previous case: not this one
             self.message_bar.dismiss()
         if study.dropped:  # a finding on a dropped slice cannot be seen: a warning, not a note
             head = (f"{len(study.dropped)} of {study.n_found} slices could not be read and are left out; the "
