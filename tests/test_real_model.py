@@ -167,4 +167,5 @@ def test_classify_without_model_uses_the_real_bundle(tmp_path: Path) -> None:
     assert len(result_rows) == 2 and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in result_rows)
     # the real bundle's classes (the synthetic demo's are "normal"/"pneumonia")
     assert {"prob_NORMAL", "prob_PNEUMONIA"} <= set(result_rows[0])
-    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))[0]["label"] == result_rows[0]["label"]
+    rows_json = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert rows_json[0]["label"] == result_rows[0]["label"]
