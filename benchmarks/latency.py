@@ -59,7 +59,7 @@ def _random_models(tmp: Path, channels: int, size: int) -> tuple[Path, object]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="bundle with an INT8 student and teacher.pt (default: random weights)")
+    ap.add_argument("--model", help="bundle with a student ONNX and teacher.pt (default: random weights)")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -79,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
 
         bundle = open_bundle(args.model)
         pre = bundle.manifest.preprocessing
-        int8_path = bundle.onnx_path(int8=True)
+        # the student as the viewer deploys it: INT8 when the bundle ships it, else its fp32 ONNX
+        int8_path = bundle.onnx_path(int8=True) or bundle.onnx_path()
         if int8_path is None:
-            raise SystemExit("the bundle has no INT8 student (student.onnx_int8)")
+            raise SystemExit("the bundle has no student ONNX file")
+        kind = "INT8" if int8_path == bundle.onnx_path(int8=True) else "fp32"
         teacher = bundle.build_torch("teacher")
         m = bundle.manifest
-        names = (f"{m.student.architecture} INT8", f"{m.teacher.architecture} fp32")  # type: ignore[union-attr]
+        names = (f"{m.student.architecture} {kind} (ORT)", f"{m.teacher.architecture} fp32 (torch eager)")  # type: ignore[union-attr]
     else:
         pre = Preprocessing(input_size=224, resize=224, channels=1)
         int8_path, teacher = _random_models(Path(tmp.name), 1, 224)

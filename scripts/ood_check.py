@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         adult = SHARED / "real-cxr"
         if adult.is_dir():
             with open(adult / "labels.csv", encoding="utf-8", newline="") as fh:
-                sets["adult-cxr"] = (load(adult / r["path"]) for r in csv.DictReader(fh))
+                adult_rows = list(csv.DictReader(fh))
+            sets["adult-cxr"] = (load(adult / r["path"]) for r in adult_rows)
         nih = SHARED / "nih-cxr14-1000"
         if nih.is_dir():
             with open(nih / "labels.csv", encoding="utf-8", newline="") as fh:

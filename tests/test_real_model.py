@@ -169,3 +169,27 @@ def test_classify_without_model_uses_the_real_bundle(tmp_path: Path) -> None:
     assert {"prob_NORMAL", "prob_PNEUMONIA"} <= set(result_rows[0])
     rows_json = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
     assert rows_json[0]["label"] == result_rows[0]["label"]
+
+
+@needs_bundle
+@needs_data
+def test_ood_guard_quiet_on_val_and_fires_on_ct_and_noise() -> None:
+    """The guard's own rates (the modality gate bypassed): scripts/ood_check.py measures them in full."""
+    from training.config import load_config
+    from training.data import discover
+
+    cfg = load_config(ROOT / "training" / "recipes" / "kermany_cxr.yaml")
+    val = discover(cfg.data, cfg.task, cfg.runtime.seed).val[:150]
+    clf = Classifier(DEFAULT)
+
+    def flags(studies) -> list[bool]:
+        return [bool(clf.predict_batch([clf.preprocess(s, "middle")[0]])[0].ood_flag) for s in studies]
+
+    assert np.mean(flags(load(s.path) for s in val)) <= 0.05
+    ct = sorted((ROOT.parent / "shared" / "data" / "real-ct-dicom").glob("*.dcm"))[:8]
+    assert all(flags(load(p) for p in ct))
+    rng = np.random.default_rng(0)
+    from kdviewer.imaging.study import Study
+
+    noise = [Study(rng.uniform(0, 255, (256, 256)).astype(np.float32)) for _ in range(4)]
+    assert all(flags(noise))
