@@ -103,6 +103,21 @@ class MBConv(nn.Module):
         return x + out
 
 
+def _block_plan(width: float, depth: float) -> tuple[list[tuple[int, int, int, int, int]], tuple[int, ...]]:
+    """Every MBConv block as (in, out, kernel, stride, expand), and the index of each stage's last block."""
+    plan: list[tuple[int, int, int, int, int]] = []
+    ends: list[int] = []
+    last = len(_LITE0_STAGES) - 1
+    for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(_LITE0_STAGES):
+        cin = 32 if i == 0 else _round_filters(cin, width)
+        cout = _round_filters(cout, width)
+        n = repeats if i in (0, last) else _round_repeats(repeats, depth)  # first/last not scaled
+        for j in range(n):
+            plan.append((cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
+        ends.append(len(plan) - 1)
+    return plan, tuple(ends)
+
+
 class EfficientNetLite(nn.Module):
     """``stem`` -> ``blocks`` (a flat Sequential of MBConv) -> ``head`` 1x1 conv -> pool -> ``classifier``."""
 
@@ -117,21 +132,12 @@ class EfficientNetLite(nn.Module):
     ) -> None:
         super().__init__()
         self.stem = ConvBNAct(in_channels, 32, 3, stride=2)  # stem width is fixed in the lite variants
-        plan: list[tuple[int, int, int, int, int]] = []
-        ends: list[int] = []
-        last = len(_LITE0_STAGES) - 1
-        for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(_LITE0_STAGES):
-            cin = 32 if i == 0 else _round_filters(cin, width)
-            cout = _round_filters(cout, width)
-            n = repeats if i in (0, last) else _round_repeats(repeats, depth)  # first/last not scaled
-            for j in range(n):
-                plan.append((cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
-            ends.append(len(plan) - 1)
+        plan, ends = _block_plan(width, depth)
         total = len(plan)
         self.blocks = nn.Sequential(
             *(MBConv(ci, co, k, s, e, drop_path * idx / total) for idx, (ci, co, k, s, e) in enumerate(plan))
         )
-        self.stage_ends = tuple(ends)  # index of each stage's last block: where feature KD taps
+        self.stage_ends = ends  # index of each stage's last block: where feature KD taps
         self.head = ConvBNAct(plan[-1][1], 1280, 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier: nn.Module = nn.Linear(1280, num_classes)
@@ -188,8 +194,7 @@ def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, to
 def _stage_layers(name: str) -> tuple[str, ...]:
     """Feature-KD taps: the ends of the stages at 1/8, 1/16 and 1/32 of the input (not the stem's)."""
     width, depth, _ = VARIANTS[name]
-    probe = EfficientNetLite(width, depth, num_classes=1)
-    ends = probe.stage_ends
+    _, ends = _block_plan(width, depth)  # from the plan alone: no network is built at import
     # stage ends 2, 4 and 5 (0-based) sit at strides 8, 16 and 32.
     return tuple(f"blocks.{ends[i]}" for i in (2, 4, 5))
 
