@@ -94,6 +94,23 @@ def test_multilabel_metrics_agree_with_sklearn():
     assert r["support"] == y.sum(0).astype(int).tolist()
 
 
+def test_multilabel_with_one_label_has_one_confusion_matrix():
+    """Recipe 004 on phantoms: one finding. sklearn's multilabel_confusion_matrix reads a one-column
+    indicator as binary multiclass and returns two matrices; the metrics must count one label."""
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(4)
+    y = (rng.random((60, 1)) < 0.3).astype(float)
+    p = np.clip(0.4 * y + 0.6 * rng.random((60, 1)), 0, 1)
+    r = compute_metrics(y, p, ["pneumonia"], "multi-label", n_boot=50)
+    pred = (p[:, 0] >= 0.5).astype(int)
+    expected = confusion_matrix(y[:, 0], pred, labels=[0, 1]).tolist()
+    assert np.asarray(r["confusion_matrix"]).tolist() == [expected]
+    prec, rec, _, _ = precision_recall_fscore_support(y[:, 0], pred, average="binary", zero_division=0)
+    assert r["metrics"]["precision"]["value"] == pytest.approx(prec)
+    assert r["metrics"]["recall"]["value"] == pytest.approx(rec)
+
+
 def test_weighted_auc_equals_sklearn_with_ties_and_replication():
     rng = np.random.default_rng(0)
     s = np.round(rng.random(50), 1)  # many ties

@@ -190,12 +190,17 @@ def _single_label(
 def _multi_label(
     y: np.ndarray, probs: np.ndarray, class_names: list[str], n_boot: int, seed: int
 ) -> dict[str, Any]:
-    from sklearn.metrics import multilabel_confusion_matrix, roc_auc_score
+    from sklearn.metrics import roc_auc_score
 
     n, k = probs.shape
     y = (y > 0.5).astype(np.float64)
     pred = (probs >= 0.5).astype(np.float64)
-    mcm = multilabel_confusion_matrix(y.astype(int), pred.astype(int))
+    # one [[TN, FP], [FN, TP]] per label, counted here: sklearn's multilabel_confusion_matrix reads a
+    # one-column indicator matrix (recipe 004: a single finding) as binary *multiclass* targets and
+    # returns two matrices, one per class value — which broke the metrics and the report
+    yb, pb = y.astype(bool), pred.astype(bool)
+    counts = [(~yb & ~pb).sum(0), (~yb & pb).sum(0), (yb & ~pb).sum(0), (yb & pb).sum(0)]
+    mcm = np.stack(counts, axis=1).reshape(k, 2, 2)
     tn, fp, fn, tp = (mcm[:, i // 2, i % 2].astype(np.float64) for i in range(4))
     point = _rates_from_counts(tp, fp, fn, tn)
     metrics: dict[str, dict[str, float | None]] = {}

@@ -171,7 +171,7 @@ def _plot_confusion(result: dict, title: str) -> str:
         k = cm.shape[0]
         fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.6), squeeze=False)
         for i in range(k):
-            _heat(axes[0, i], cm[i], ["neg", "pos"], names[i])
+            _heat(axes[0, i], cm[i], ["neg", "pos"], names[i] if i < len(names) else f"label {i}")
     else:
         size = max(3.5, 0.8 * len(names) + 2)
         fig, ax = plt.subplots(figsize=(size, size * 0.85))
