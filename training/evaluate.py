@@ -71,7 +71,10 @@ def evaluate_model(
     import torch
 
     from training.calibration import probabilities
+    from training.placement import Placement
 
+    place = Placement(torch.device(device))  # the model and every batch on one device, fp32
+    model = place.model(model)
     grabbed: list[torch.Tensor] = []
     handle = None
     if features:
@@ -90,10 +93,8 @@ def evaluate_model(
             for batch in loader:
                 if keep_fraction < 1.0 and rng.random() >= keep_fraction:
                     continue
-                x, y = batch[0], batch[1]
-                if not isinstance(x, torch.Tensor):
-                    x = torch.as_tensor(np.asarray(x))
-                out = model(x.to(device).float())
+                x, y = place.inputs(batch[0]), batch[1]
+                out = model(x)
                 logits_l.append(out.detach().float().cpu())
                 targets_l.append(torch.as_tensor(y).cpu())
                 seen += len(x)

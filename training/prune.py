@@ -73,14 +73,17 @@ def finetune(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
     """Plain supervised fine-tuning (Adam, CE or BCE) of a pruned model; returns per-epoch losses."""
-    model.to(device).train()
+    from training.placement import Placement
+
+    place = Placement(torch.device(device))  # model and batches on one device, fp32
+    model = place.model(model).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn: nn.Module = nn.BCEWithLogitsLoss() if task == "multi-label" else nn.CrossEntropyLoss()
     history = []
     for epoch in range(1, epochs + 1):
         total, count = 0.0, 0
         for step, (x, y) in enumerate(loader, 1):
-            x, y = x.to(device), y.to(device)
+            x, y = place.inputs(x), torch.as_tensor(y).to(place.device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y.float() if task == "multi-label" else y.long())
             loss.backward()

@@ -20,6 +20,7 @@ from training import distributed as ddp
 from training.checkpoint import AsyncSaver
 from training.config import RunConfig
 from training.data import BatchLoader, DataSplits, ImageDataset
+from training.placement import Placement
 from training.stopping import StopMonitor
 
 
@@ -56,14 +57,17 @@ class RunContext:
     last_checkpoint: Path | None = None
     saver: AsyncSaver = field(default_factory=AsyncSaver)
 
+    @property
+    def placement(self) -> Placement:
+        """Where this run's networks and batches go (``training.placement``)."""
+        return Placement(self.device, self.amp, self.channels_last)
+
+
 
 
 def _autocast(ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
-    if ctx.amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=ctx.amp)
+    return ctx.placement.autocast()
 
 
 def _to_input(x: torch.Tensor, ctx: RunContext) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if ctx.channels_last else x
-
+    return ctx.placement.inputs(x)

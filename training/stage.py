@@ -158,9 +158,7 @@ def train_stage(
     cfg = ctx.cfg
     train_loader = ctx.loaders["train"]
     train_loader.batch_size = optim_cfg.batch_size
-    module = TrainModule(model, combiner).to(ctx.device)
-    if ctx.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    module = ctx.placement.model(TrainModule(model, combiner))
     opt = make_optimizer([p for p in module.parameters() if p.requires_grad], optim_cfg)
     sched = make_scheduler(opt, optim_cfg)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 and ctx.device.type == "cuda" else None
@@ -206,8 +204,7 @@ def train_stage(
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if ctx.channels_last:
-            teacher.to(memory_format=torch.channels_last)
+        teacher = ctx.placement.model(teacher)
         teacher_cache = _teacher_cache_for(ctx, teacher, combiner, train_loader)
     if resume is not None:
         restore_rng(resume["rng"])
@@ -320,7 +317,7 @@ def train_stage(
             start_step = 0
             if sched is not None:
                 sched.step()
-            val = evaluate(module.model, ctx.loaders["val"], cfg.task, ctx.device, ctx.amp, ctx.channels_last)
+            val = evaluate(module.model, ctx.loaders["val"], cfg.task, ctx.placement)
             value = val[monitor]
             improved = _improved(value, best, monitor, optim_cfg.early_stopping.min_delta)
             if improved:
@@ -392,7 +389,7 @@ def train_stage(
         module.hooks.remove()
     _drain(ctx, wait=True)
     if optim_cfg.select_best and best_state is not None:
-        model.load_state_dict(best_state)
+        model.load_state_dict(best_state)  # copied into the model's own tensors: its device is kept
     return model
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from training.data import BatchLoader, ImageDataset
 from training.losses import FeatureHooks, KDCombiner
+from training.placement import Placement
 from training.run_context import RunContext
 
 
@@ -28,7 +29,6 @@ class TeacherCache:
 
     def take(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         return {k: v[idx].to(device, non_blocking=True) for k, v in self.records.items()}
-
 
 
 def teacher_record(
@@ -54,13 +54,12 @@ def build_teacher_cache(
     max_bytes: int | None = None,
 ) -> TeacherCache | None:
     """Teacher records for every image of ``dataset`` (in order), or None if over ``max_bytes``."""
+    place = Placement(device, amp, channels_last)
     order = BatchLoader(dataset, batch_size)
     records: dict[str, torch.Tensor] = {}
-    teacher.eval()
+    teacher = place.model(teacher).eval()
     with FeatureHooks(teacher, combiner.teacher_layers(), embedding=combiner.needs_embedding) as hooks:
-        for idx, x, _ in order.iter_batches(0, 0, device):
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for idx, x, _ in place.batches(order):
             rec = teacher_record(teacher, combiner, hooks, x, amp)
             if not records:
                 per_item = sum(v[0].numel() * 4 for v in rec.values())

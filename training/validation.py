@@ -8,7 +8,6 @@ The bundle's own, fuller evaluation lives in ``training.export`` / ``training.ev
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from training.data import BatchLoader
 from training.losses import task_loss
+from training.placement import Placement
 from training.run_context import RunContext
 
 
@@ -38,23 +38,19 @@ def _auc(y: np.ndarray, p: np.ndarray, task: str) -> float:
 
 
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: BatchLoader,
-    task: str,
-    device: torch.device,
-    amp: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> dict[str, Any]:
-    """Loss, accuracy and macro AUC of ``model`` on ``loader`` (plus ``probs``/``targets`` arrays)."""
+def evaluate(model: nn.Module, loader: BatchLoader, task: str, placement: Placement) -> dict[str, Any]:
+    """Loss, accuracy and macro AUC of ``model`` on ``loader`` (plus ``probs``/``targets`` arrays).
+
+    ``placement`` puts the model and every batch on the same device, dtype and layout (the model is
+    moved there in place if it was elsewhere).
+    """
+    model = placement.model(model)
     was_training = model.training
     model.eval()
     logits_l, targets_l = [], []
     try:
-        for _, x, y in loader.iter_batches(0, 0, device):
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        for _, x, y in placement.batches(loader):
+            with placement.autocast():
                 out = model(x)
             logits_l.append(out.float().cpu())
             targets_l.append(y.cpu())
@@ -105,7 +101,7 @@ def own_eval_events(ctx: RunContext, model: nn.Module, stage: str) -> dict[str, 
     for split in ("val", "test"):
         if split not in ctx.loaders:
             continue
-        res = evaluate(model, ctx.loaders[split], ctx.cfg.task, ctx.device, ctx.amp, ctx.channels_last)
+        res = evaluate(model, ctx.loaders[split], ctx.cfg.task, ctx.placement)
         m = compute_metrics(
             res["targets"],
             res["probs"],
