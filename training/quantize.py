@@ -131,6 +131,10 @@ def quantize_onnx(
             activation_type=getattr(QuantType, activation_type),
             reduce_range=reduce_range,
             weight_type=QuantType.QInt8,
+            # A BatchNormalization that cannot be folded into a convolution (DenseNet's pre-activation
+            # norm1/norm2) keeps its rank-1 scale: per channel along axis 0, not ORT's default axis 1
+            # (which warned "Axis 1 is out-of-range" for each and fell back to one scale per tensor).
+            extra_options={"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}},
         )
     return out_path
 
