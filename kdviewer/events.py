@@ -12,7 +12,11 @@ Event types and their extra fields:
 ``run_start``   config (dict), device (str), amp (str|null), world_size (int), output_dir (str),
                 stages (list[str]), total_steps (int), resumed_from (str|null),
                 dataset ({"train": n, "val": n, "test": n, "classes": [...]}), synthetic (bool)
-``stage_start`` stage ("teacher" | "student" | "finetune"), epochs (int), steps_per_epoch (int)
+``stage_start`` stage ("teacher" | "student" | "finetune" | "export"), epochs (int), steps_per_epoch (int);
+                the export stage has epochs 0 and ``substages`` (list[str], in the order they run)
+``progress``    stage, substage (str), index (int, 1-based), total (int), elapsed_s (float, since the
+                stage started): a substage of a stage without steps (export) has started
+``stage_end``   stage, elapsed_s (float), timings ({substage: seconds}, export only)
 ``step``        stage, epoch (int, 1-based), step (int, global within stage), lr (float),
                 loss (float, total), components ({name: float}), images_per_s (float),
                 eta_s (float|null), gpu_mem_mb (float|null)
@@ -26,7 +30,8 @@ Event types and their extra fields:
 ``error``       message (str), type (str), traceback (str), checkpoint (str|null)
 ``log``         level ("info" | "warning"), message (str)
 
-Readers must ignore unknown event types and unknown fields (minor bumps add them).
+Readers must ignore unknown event types and unknown fields (minor bumps add them). 1.1 added
+``progress`` and ``stage_end``.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-EVENTS_SCHEMA = "1.0"
+EVENTS_SCHEMA = "1.1"
 EVENT_TYPES = (
     "run_start",
     "stage_start",
+    "progress",
+    "stage_end",
     "step",
     "epoch_end",
     "eval",

@@ -1,4 +1,5 @@
-"""DDP smoke test: `torchrun --standalone --nproc_per_node=2 -m training run`, gloo, two CPU processes."""
+"""DDP smoke test: `torchrun --standalone --nproc_per_node=2 -m training run`, gloo, two CPU processes,
+export on: rank 0 evaluates and exports while rank 1 leaves, and the run ends."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
         "kd": {"methods": [{"name": "hinton", "T": 4, "alpha": 0.7}, {"name": "fitnets"}]},
         "optim": {"epochs": 1, "batch_size": 4},
         "runtime": {"device": "cpu", "amp": "off", "threads": 1},
-        "output": {"dir": str(out), "export": False},
+        "output": {"dir": str(out), "export": True, "bootstrap": 10, "latency_runs": 2},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -38,11 +39,14 @@ def test_torchrun_two_cpu_processes(tmp_path):
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     cmd += ["--standalone", "--nproc_per_node=2", "-m", "training", "run", str(path), "--events", "-"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [e for e in map(parse_event, proc.stdout.splitlines()) if e]
     kinds = [e["event"] for e in events]
     assert kinds.count("run_start") == 1 and kinds.count("run_end") == 1  # rank 0 only
+    assert kinds.count("stage_end") == 3 and kinds.index("run_end") == len(kinds) - 1
+    assert [e["stage"] for e in events if e["event"] == "stage_start"] == ["teacher", "student", "export"]
+    assert (out / "bundle" / "manifest.json").is_file() and (out / "finished.json").is_file()
     assert events[0]["world_size"] == 2
     # each rank saw half of the training set per epoch: steps per epoch = ceil(ceil(n / 2) / batch)
     n_train = events[0]["dataset"]["train"]

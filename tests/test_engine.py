@@ -37,6 +37,8 @@ DOCUMENTED = {
         "synthetic",
     },
     "stage_start": {"stage", "epochs", "steps_per_epoch"},
+    "progress": {"stage", "substage", "index", "total", "elapsed_s"},
+    "stage_end": {"stage", "elapsed_s"},
     "step": {"stage", "epoch", "step", "lr", "loss", "components", "images_per_s", "eta_s", "gpu_mem_mb"},
     "epoch_end": {"stage", "epoch", "train", "val", "lr", "best", "epoch_time_s"},
     "eval": {"stage", "split", "metrics", "confusion_matrix", "class_names"},
@@ -126,13 +128,14 @@ def test_events_parse_and_carry_the_documented_fields(reference):
     result, rec, _ = reference
     kinds = [e["event"] for e in rec.events]
     assert kinds[0] == "run_start" and kinds[-1] == "run_end"
-    for k in ("stage_start", "step", "epoch_end", "checkpoint", "eval"):
+    for k in ("stage_start", "step", "epoch_end", "checkpoint", "eval", "stage_end"):
         assert k in kinds, k
     for ev in rec.events:
         assert ev["schema"] == EVENTS_SCHEMA and ev["run_id"] == "test"
         missing = DOCUMENTED[ev["event"]] - set(ev)
         assert not missing, f"{ev['event']} lacks {missing}"
     assert [e["stage"] for e in rec.of("stage_start")] == ["teacher", "student"]
+    assert [e["stage"] for e in rec.of("stage_end")] == ["teacher", "student"]
     start = rec.of("run_start")[0]
     assert (
         start["dataset"]["classes"] and start["world_size"] == 1 and start["stages"] == ["teacher", "student"]

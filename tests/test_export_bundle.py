@@ -152,7 +152,10 @@ def test_evaluation_and_history_feed_the_report(bundle):
     assert set(ev["student"]) == {"val"} and set(ev["teacher"]) == {"val"}
     assert ev["student"]["val"]["confusion_matrix"] and ev["student"]["val"]["roc_curves"]["pneumonia"]["fpr"]
     assert set(ev["complexity"]["student"]["latency_ms"]) == {"torch_fp32", "ort_fp32", "ort_int8"}
-    assert set(ev["complexity"]["teacher"]["latency_ms"]) == {"torch_fp32", "ort_fp32", "ort_int8"}
+    # the teacher is timed as the viewer runs it (torch); the export no longer converts and quantizes
+    # it only for two table cells (issue 12: most of a ResNet-50 -> ResNet-18 export's time)
+    assert set(ev["complexity"]["teacher"]["latency_ms"]) == {"torch_fp32"}
+    assert ev["complexity"]["ratios"]["deployed_latency_ratio"] > 0
     assert ev["ood"]["val_scores"]["flagged_fraction"] <= 0.05
     assert len(json.loads((path / "history.json").read_text())) == 3
 

@@ -172,7 +172,8 @@ def test_tiny_distillation_run_draws_curves_and_ends_with_a_bundle(
     assert {"total"} <= set(panel.curves.loss) and len(panel.curves.loss) >= 2  # total + components
     assert panel.progress.value() == panel.progress.maximum()
     kinds = {e["event"] for e in panel.events}
-    assert {"run_start", "stage_start", "step", "epoch_end", "run_end"} <= kinds
+    assert {"run_start", "stage_start", "step", "epoch_end", "run_end", "progress", "stage_end"} <= kinds
+    assert "stage export done in" in log  # the export is a stage the panel shows
     _check_plots_readable(qtbot, panel)
 
     assert bundle and Path(bundle).exists()
@@ -195,6 +196,40 @@ def test_tiny_distillation_run_draws_curves_and_ends_with_a_bundle(
     panel.history.open_button.click()
     assert panel.curves.point_count() == live_counts
     assert panel.report.bundle_path == bundle
+
+
+def test_export_stage_shows_each_substage(qtbot, tmp_path: Path) -> None:
+    """The export's events (stage_start with substages, progress, stage_end) drive the bar and label;
+    the curves get no stage marker for it."""
+    panel = _panel(qtbot)
+    panel.show()
+    subs = ["predictions", "calibration", "bootstrap", "onnx", "int8", "parity", "ood", "latency", "report"]
+    evs = [
+        {"event": "run_start", "output_dir": str(tmp_path), "total_steps": 4, "device": "cpu"},
+        {"event": "stage_start", "stage": "student", "epochs": 2, "steps_per_epoch": 2},
+        {"event": "step", "stage": "student", "epoch": 2, "step": 4, "loss": 0.5, "lr": 0.01},
+        {"event": "stage_end", "stage": "student", "elapsed_s": 3.0},
+        {"event": "stage_start", "stage": "export", "epochs": 0, "steps_per_epoch": 0, "substages": subs},
+    ]
+    for ev in evs:
+        panel.apply_event(ev, live=True)
+    assert panel.progress.maximum() == len(subs) and panel.progress.value() == 0
+    marks = panel.curves.point_count()
+    for i, name in enumerate(subs[:3], 1):
+        panel.apply_event(
+            {"event": "progress", "stage": "export", "substage": name, "index": i, "total": 9, "elapsed_s": i}
+        )
+    assert panel.stage_label.text().startswith("export · bootstrap (3/9)")
+    assert panel.progress.value() == 2 and panel.progress.text() == "export: 2/9 done"
+    assert panel.curves.point_count() == marks
+    qtbot.wait(50)
+    panel.grab().save(str(tmp_path / "export_stage.png"))
+    timings = {name: 0.5 for name in subs}
+    panel.apply_event({"event": "stage_end", "stage": "export", "elapsed_s": 4.5, "timings": timings})
+    assert panel.progress.value() == panel.progress.maximum()
+    assert "stage export done in 4.5 s (predictions 0.5 s" in panel.log_view.toPlainText()
+    panel.apply_event({"event": "stopped", "stage": "export", "epoch": 2, "checkpoint": "last.pt"})
+    assert "stopped during the export" in panel.log_view.toPlainText()
 
 
 def _check_plots_readable(qtbot, panel) -> None:

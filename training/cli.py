@@ -3,6 +3,7 @@
 Sub-commands::
 
     kd-train run CONFIG [--events -|FILE] [--resume] [--set key.path=value ...] [--variant NAME]
+    kd-train export RUN_DIR [--events -|FILE]   rebuild a run's bundle from its best checkpoint (no training)
     kd-train check CONFIG [--json] [--set ...] [--variant NAME]
     kd-train recipes                     list the packaged recipes (CONFIG may be a recipe name, e.g. 002)
     kd-train synth ...                   synthetic phantoms (training.synth)
@@ -26,6 +27,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -86,6 +88,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from <output.dir>/checkpoints/last.pt")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "export", help="write a run's bundle again from its best checkpoint, without training"
+    )
+    p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")
+    p.add_argument(
+        "--events",
+        default=None,
+        metavar="-|FILE",
+        help="write JSON-lines events to stdout (-) or FILE (also always to RUN_DIR/events.jsonl)",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="validate a run file; prints the problems per field")
     _add_config_args(p)
@@ -187,8 +201,20 @@ class _HumanSink:
                 f"{d.get('train')} train / {d.get('val')} val / {d.get('test')} test, "
                 f"stages {ev.get('stages')}"
             )
+        elif kind == "stage_start" and ev.get("substages"):
+            text = f"stage {ev['stage']}: {', '.join(ev['substages'])}"
         elif kind == "stage_start":
             text = f"stage {ev['stage']}: {ev['epochs']} epochs x {ev['steps_per_epoch']} steps"
+        elif kind == "progress":
+            text = (
+                f"{ev.get('stage')} {ev.get('index')}/{ev.get('total')}: {ev.get('substage')} "
+                f"({ev.get('elapsed_s', 0):.1f} s)"
+            )
+        elif kind == "stage_end":
+            timings = ev.get("timings") or {}
+            text = f"stage {ev.get('stage')} done in {ev.get('elapsed_s', 0):.1f} s" + (
+                " (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")" if timings else ""
+            )
         elif kind == "epoch_end":
             v, t = ev.get("val", {}), ev.get("train", {})
 
@@ -200,7 +226,9 @@ class _HumanSink:
                 f"val loss {f(v.get('loss'))}, acc {f(v.get('accuracy'))}, auc {f(v.get('auc'))}"
                 f"{'  *best*' if ev.get('best') else ''} ({ev.get('epoch_time_s', 0):.1f} s)"
             )
-        elif kind in ("stopped", "error"):
+        elif kind == "stopped":
+            text = f"stopped during {ev.get('stage')}; checkpoint {ev.get('checkpoint')}"
+        elif kind == "error":
             text = f"{kind}: {ev.get('message') or ev.get('checkpoint')}"
         elif kind == "run_end":
             text = f"done in {ev.get('elapsed_s', 0):.0f} s; bundle: {ev.get('bundle')}"
@@ -218,41 +246,70 @@ class _HumanSink:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdviewer.events import EventWriter
     from training.config import ConfigError, check_environment, load_config
-    from training.distributed import env_rank
 
-    main_rank = env_rank() == 0
     try:
         cfg = load_config(args.config, args.overrides, args.variant)
         issues = check_environment(cfg)
         if issues:
             raise ConfigError(issues, str(args.config))
     except ConfigError as exc:
-        if args.events == "-" and main_rank:
-            writer = EventWriter("config", [sys.stdout])
-            writer.emit(
-                "error",
-                message=str(exc),
-                type="ConfigError",
-                traceback="",
-                checkpoint=None,
-                errors=exc.errors,
-            )
-        print(str(exc), file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_failed(exc, args.events)
+    return _run_engine(cfg, args.events, resume=args.resume)
 
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``kd-train export RUN_DIR``: the run's own config.yaml, its checkpoints, a new bundle."""
+    from training.config import ConfigError, load_config
+
+    run_dir = Path(args.run_dir)
+    try:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                [{"loc": "run_dir", "msg": f"{run_dir} is not a run folder (no config.yaml)"}], str(run_dir)
+            )
+        cfg = load_config(run_dir / "config.yaml")
+        out = cfg.output.model_copy(update={"dir": run_dir, "export": True})
+        cfg = cfg.model_copy(update={"output": out})
+    except ConfigError as exc:
+        return _config_failed(exc, args.events)
+    return _run_engine(cfg, args.events, export_only=True)
+
+
+def _config_failed(exc: Exception, events_target: str | None) -> int:
+    from kdviewer.events import EventWriter
+    from training.distributed import env_rank
+
+    if events_target == "-" and env_rank() == 0:
+        writer = EventWriter("config", [sys.stdout])
+        writer.emit(
+            "error",
+            message=str(exc),
+            type="ConfigError",
+            traceback="",
+            checkpoint=None,
+            errors=getattr(exc, "errors", []),
+        )
+    print(str(exc), file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _run_engine(cfg: Any, events_target: str | None, resume: bool = False, export_only: bool = False) -> int:
+    from kdviewer.events import EventWriter
+    from training.config import ConfigError
+    from training.distributed import env_rank
     from training.engine import run
 
+    main_rank = env_rank() == 0
     run_id = f"{cfg.output.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     if main_rank:
-        events = EventWriter.open(run_id, args.events, log_file=Path(cfg.output.dir) / "events.jsonl")
-        if args.events != "-":
+        events = EventWriter.open(run_id, events_target, log_file=Path(cfg.output.dir) / "events.jsonl")
+        if events_target != "-":
             events.sinks.append(_HumanSink(sys.stderr))  # type: ignore[arg-type]
     else:
         events = EventWriter(run_id, [])
     try:
-        result = run(cfg, events, resume=args.resume)
+        result = run(cfg, events, resume=resume, export_only=export_only)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
@@ -273,7 +330,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(args.func(args) or 0)
+    code = int(args.func(args) or 0)
+    if code == EXIT_STOPPED and argv is None:  # the process itself (kd-train / python -m training)
+        # A stop must end the process within seconds. After a stop during the export, the interpreter's
+        # teardown was seen to block for minutes in a native destructor (garbage collection at exit);
+        # everything is written and flushed by now, so leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,12 +43,10 @@ def count_params(model: nn.Module) -> int:
 
 
 def _example(model: nn.Module, channels: int, input_size: int) -> torch.Tensor:
-    try:
-        p = next(model.parameters())
-        device = p.device
-    except StopIteration:
-        device = torch.device("cpu")
-    return torch.randn(1, channels, input_size, input_size, device=device)
+    """A batch-1 input where ``model`` is (`training.placement`)."""
+    from training.placement import Placement
+
+    return Placement.of(model).inputs(torch.randn(1, channels, input_size, input_size))
 
 
 def count_flops(model: nn.Module, input_size: int, channels: int) -> int:
@@ -97,14 +95,25 @@ def state_dict_bytes(model: nn.Module) -> int:
 
 
 def round_robin_latency(
-    fns: dict[str, Callable[[], Any]], runs: int = 30, warmup: int = 5
+    fns: dict[str, Callable[[], Any]],
+    runs: int = 30,
+    warmup: int = 5,
+    budget_s: float | None = None,
+    min_runs: int = 5,
 ) -> dict[str, float]:
-    """Median milliseconds per call of each function, timed one call of each in turn."""
+    """Median milliseconds per call of each function, timed one call of each in turn.
+
+    ``budget_s`` bounds the timed rounds: once that much wall time has gone into them, the rounds stop
+    (after at least ``min_runs``), so a slow model or a busy machine costs seconds, not minutes.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(max(1, runs)):
+    start = time.perf_counter()
+    for i in range(max(1, runs)):
+        if budget_s is not None and i >= min_runs and time.perf_counter() - start > budget_s:
+            break
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
@@ -152,12 +161,15 @@ def measure_complexity(
     threads: int = 2,
     runs: int = 30,
     warmup: int = 5,
+    static: dict[str, dict[str, float]] | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Complexity of each named model (e.g. {"student": s, "teacher": t}), latencies timed together.
 
     ``onnx`` / ``onnx_int8`` map the same names to exported files; runtimes without a file are
-    skipped. Returns {name: {params, gflops, activation_mb, state_dict_mb, onnx_mb?, int8_mb?,
-    latency_ms: {"torch_fp32", "ort_fp32"?, "ort_int8"?}}}.
+    skipped; ``static`` holds `static_complexity` results already computed (not computed again);
+    ``budget_s`` bounds the timed runs (`round_robin_latency`). Returns {name: {params, gflops,
+    activation_mb, state_dict_mb, onnx_mb?, int8_mb?, latency_ms: {"torch_fp32", "ort_fp32"?, "ort_int8"?}}}.
     """
     onnx, onnx_int8 = dict(onnx or {}), dict(onnx_int8 or {})
     x = torch.randn(1, channels, input_size, input_size)
@@ -165,7 +177,8 @@ def measure_complexity(
     out: dict[str, dict[str, Any]] = {}
     fns: dict[str, Callable[[], Any]] = {}
     for name, model in models.items():
-        out[name] = static_complexity(model, input_size, channels)
+        known = (static or {}).get(name)
+        out[name] = dict(known) if known else static_complexity(model, input_size, channels)
         fns[f"{name}/torch_fp32"] = _torch_runner(model, x)
         if onnx.get(name):
             out[name]["onnx_mb"] = Path(onnx[name]).stat().st_size / MIB
@@ -176,7 +189,7 @@ def measure_complexity(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        lat = round_robin_latency(fns, runs=runs, warmup=warmup)
+        lat = round_robin_latency(fns, runs=runs, warmup=warmup, budget_s=budget_s)
     finally:
         torch.set_num_threads(old_threads)
     for key, ms in lat.items():
@@ -200,6 +213,8 @@ def compare_student_teacher(
     threads: int = 2,
     runs: int = 30,
     warmup: int = 5,
+    static: dict[str, dict[str, float]] | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
     """The complexity table of a run: student vs teacher, torch eager vs ORT fp32 vs ORT INT8.
 
@@ -219,7 +234,9 @@ def compare_student_teacher(
         if export_missing:
             for name, model in models.items():
                 if not onnx.get(name):
-                    onnx[name] = export_onnx(model, Path(tmp) / f"{name}.onnx", channels, input_size)
+                    # only timed, never shipped: no torch-vs-ORT verification pass
+                    path = Path(tmp) / f"{name}.onnx"
+                    onnx[name] = export_onnx(model, path, channels, input_size, check=False)
                 if not int8.get(name) and calibration is not None:
                     from training.quantize import quantize_onnx
 
@@ -236,6 +253,8 @@ def compare_student_teacher(
             threads=threads,
             runs=runs,
             warmup=warmup,
+            static=static,
+            budget_s=budget_s,
         )
     result: dict[str, Any] = dict(table)
     result["settings"] = {
@@ -243,6 +262,7 @@ def compare_student_teacher(
         "channels": channels,
         "threads": threads,
         "runs": runs,
+        "latency_budget_s": budget_s,
         "warmup": warmup,
         "batch": 1,
         "flops_note": "GFLOPs of one batch-1 forward; a multiply-add counts as 2 FLOPs",

@@ -7,7 +7,9 @@
    is used as loaded (``teacher.weights``: ImageNet/SwAV/file/bundle);
 3. stage "student": distil with the configured KD methods (``training.losses``); the frozen teacher's
    per-image outputs are computed once and cached when augmentation is off (``runtime.teacher_cache``);
-4. export: ``training.export.export_bundle`` writes ``<output.dir>/bundle`` (ONNX, INT8, metrics...).
+4. stage "export" (rank 0; the other ranks of a DDP run leave once training is over):
+   ``training.export.export_bundle`` writes ``<output.dir>/bundle`` (ONNX, INT8, metrics...), with a
+   ``progress`` event per substage (``training.export.EXPORT_PHASES``) and ``stage_end``.
 
 Every epoch ends with a validation pass, best-epoch tracking (``optim.monitor``), early stopping and an
 atomic checkpoint (``checkpoints/last.pt``: model, optimizer, scheduler, grad scaler, FitNets
@@ -18,7 +20,10 @@ those of an uninterrupted run (on the same machine, ``runtime.deterministic: tru
 Graceful stop: SIGINT / SIGTERM or a file named ``STOP`` in ``output.dir`` (what the GUI uses on
 Windows). The engine finishes the current step, writes ``last.pt`` (mid-epoch position included),
 emits ``checkpoint`` and ``stopped`` and returns ``RunResult(status="stopped")`` — the CLI then exits
-with code 3; ``--resume`` continues from that step. A second SIGINT aborts at once.
+with code 3; ``--resume`` continues from that step. A second SIGINT aborts at once. During the export
+a stop ends it at once (the half-written bundle is discarded, the trained checkpoints stay; ``stopped``
+has stage "export"); ``--resume`` then exports without training, and so does
+``kd-train export RUN_DIR`` (``run(..., export_only=True)``) on any run whose training finished.
 
 Errors: an ``error`` event with the traceback is emitted and the exception re-raised (CLI exit 1);
 the last checkpoint stays usable for ``--resume``.
@@ -31,7 +36,8 @@ Where things are (one reason to change per module):
 - ``training.teacher_cache``: the frozen teacher's cached per-image records;
 - ``training.validation``: the per-epoch evaluation and the ``eval`` events;
 - ``training.export_stage``: the end of a run (bundle export, ``run_end``, ``finished.json``);
-- ``training.stopping``: SIGINT/SIGTERM/STOP-file handling; ``training.run_context``: what the stages share.
+- ``training.stopping``: SIGINT/SIGTERM/STOP-file handling; ``training.run_context``: what the stages share;
+- ``training.placement``: where a network and its batches run (device, autocast dtype, layout).
 
 Output folder: ``config.yaml`` (resolved), ``events.jsonl`` (written by the CLI),
 ``checkpoints/{last,teacher,best_teacher,best_student}.pt``, ``bundle/``.
@@ -172,6 +178,26 @@ def _generate_if_needed(cfg: RunConfig, dist: ddp.DistEnv, events: EventWriter) 
     return cfg
 
 
+def _check_trained(state: dict[str, Any] | None, cfg: RunConfig, last: Path) -> None:
+    """``export_only``: the checkpoint must hold a finished student stage."""
+    if state is not None and state.get("stage") == "student" and state.get("done"):
+        return
+    where = (
+        f"its checkpoint {last} is at stage {state.get('stage')!r}, epoch {state.get('epoch')}"
+        if state is not None
+        else f"{last} does not exist"
+    )
+    raise ConfigError(
+        [
+            {
+                "loc": "output.dir",
+                "msg": f"the training of {cfg.output.dir} has not finished ({where}); "
+                "finish it with `kd-train run CONFIG --resume` (which exports at the end)",
+            }
+        ]
+    )
+
+
 def _write_config(cfg: RunConfig, out: Path) -> None:
     data = cfg.model_dump(mode="json")
     tmp = out / ".config.yaml.tmp"
@@ -194,8 +220,13 @@ def _set_seed(seed: int, deterministic: bool) -> None:
 
 
 
-def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
-    """Train (teacher, then student), checkpoint, and export the bundle. See the module docstring."""
+def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: bool = False) -> RunResult:
+    """Train (teacher, then student), checkpoint, and export the bundle. See the module docstring.
+
+    ``export_only`` (``kd-train export RUN_DIR``): no training — the run's checkpoints must say that
+    its student stage finished; the bundle is written again from the best student (and the teacher).
+    """
+    resume = resume or export_only
     t0 = time.time()
     out = Path(cfg.output.dir)
     ckpt_dir = out / "checkpoints"
@@ -220,7 +251,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
         resume_state = None
         last = ckpt_dir / LAST
         finished = out / FINISHED_FILE
-        if resume and finished.is_file():
+        if resume and not export_only and finished.is_file():
             done = finished_run(finished, cfg, events, dist, t0)
             if done is not None:
                 return done
@@ -230,7 +261,9 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
             if last.is_file():
                 resume_state = load_checkpoint(last)
                 events.run_id = str(resume_state.get("run_id") or events.run_id)
-            elif dist.is_main:
+            if export_only:
+                _check_trained(resume_state, cfg, last)
+            elif resume_state is None and dist.is_main:
                 events.emit(
                     "log", level="warning", message=f"nothing to resume in {ckpt_dir}: starting afresh"
                 )
@@ -242,7 +275,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
         _set_seed(cfg.runtime.seed, cfg.runtime.deterministic)
 
         cfg = _generate_if_needed(cfg, dist, events)
-        if dist.is_main:
+        if dist.is_main and not export_only:
             _write_config(cfg, out)
         splits = discover(cfg.data, cfg.task, cfg.runtime.seed)
         if resume_state is not None and resume_state.get("fingerprint") != splits.fingerprint:
@@ -273,7 +306,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
                 amp=None if amp is None else str(amp).replace("torch.", ""),
                 world_size=dist.world_size,
                 output_dir=str(out.resolve()),
-                stages=list(stage_steps),
+                stages=[*stage_steps, *(["export"] if cfg.output.export else [])],
                 total_steps=sum(stage_steps.values()),
                 resumed_from=str(last) if resume_state is not None else None,
                 dataset=splits.counts(),
@@ -394,12 +427,12 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
         combiner.to(device)
         student = train_stage(ctx, "student", student, combiner, cfg.optim, teacher)
 
-        # ---- export -------------------------------------------------------------------------
+        # ---- export (rank 0 only: the other ranks leave once every rank has finished training) ----
         bundle: Path | None = None
         metrics: dict[str, Any] = {}
+        ddp.barrier(dist)
         if dist.is_main:
             bundle, metrics, _ = finish_run(ctx, student, teacher)
-        ddp.barrier(dist)
         return RunResult(
             "completed",
             out,

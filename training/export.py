@@ -47,11 +47,28 @@ from kdviewer.models.manifest import (
     OodSpec,
     Preprocessing,
 )
+from training.placement import Placement
 
 log = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
 HISTORY_FILE = "history.json"
+#: The export's substages, in order; ``progress`` is called with each name as it starts (the engine turns
+#: them into ``progress`` events) and ``manifest.training.export_timings_s`` holds their seconds.
+EXPORT_PHASES = (
+    "predictions",  # student (+ features) and teacher on val/test
+    "calibration",  # temperature scaling on val
+    "bootstrap",  # metrics with bootstrap 95% CIs
+    "onnx",  # weights + student.onnx (verified against torch)
+    "int8",  # static INT8 quantization calibrated on training images
+    "parity",  # INT8 vs fp32 on held-out images
+    "ood",  # OOD statistics of training features
+    "latency",  # complexity: params, GFLOPs, latency torch / ORT / INT8
+    "report",  # manifest, evaluation, model card, HTML report
+)
+#: Upper bound of the wall time spent on latency runs of all runtimes together (the export on a busy
+#: machine must not grow without bound; the runs are round-robin, so ratios stay fair).
+LATENCY_BUDGET_S = 2.5
 
 
 def _versions() -> dict[str, str]:
@@ -346,7 +363,8 @@ def export_bundle(
     complexity: bool = True,
     latency_runs: int = 20,
     threads: int = 2,
-    calibration_size: int = 128,
+    calibration_size: int = 64,
+    parity_size: int = 128,
     ood_max_train: int = 5000,
     report: bool = True,
     extra_training: dict | None = None,
@@ -355,9 +373,10 @@ def export_bundle(
     """Write the bundle for a trained student (and teacher) into ``out_dir``; returns ``out_dir``.
 
     See the module docstring for what is written. ``train_loader`` (un-augmented, any order) supplies
-    the INT8 calibration images (a random sample of ``calibration_size``) and the OOD statistics
+    the INT8 calibration images (a random sample of ``calibration_size``; MinMax ranges settle well
+    before 64 images) and the OOD statistics
     (features of a random subset of batches, about ``ood_max_train`` images); ``val_loader`` the
-    temperature, the OOD threshold and the INT8 parity set (a random sample of 256); metrics go on
+    temperature, the OOD threshold and the INT8 parity set (a random sample of ``parity_size``); metrics go on
     the test split when ``test_loader`` is given, else on val. ``progress`` is called with the name of
     each phase as it starts (command-line progress).
     """
@@ -375,13 +394,16 @@ def export_bundle(
     if task == "single-label" and len(class_names) == 2 and positive_class is None:
         positive_class = class_names[-1]
     pre = preprocessing
-    student = student.to(device).eval()
+    place = Placement(torch.device(device))  # model and inputs of every torch pass below
+    student = place.model(student).eval()
     if teacher is not None:
-        teacher = teacher.to(device).eval()
+        teacher = place.model(teacher).eval()
     timings: dict[str, float] = {}
     phase_start = [time.time(), ""]
 
     def _phase(name: str) -> None:
+        if name and name == phase_start[1]:
+            return  # already in it
         now = time.time()
         if phase_start[1]:
             timings[str(phase_start[1])] = round(now - float(phase_start[0]), 2)
@@ -409,7 +431,7 @@ def export_bundle(
         cal = calibrate(s_out["val"]["logits"], s_out["val"]["targets"], task)
         temp = float(cal["temperature"])
         # 3. metrics with CIs ---------------------------------------------------------------------
-        _phase("metrics")
+        _phase("bootstrap")
         metrics_split = "test" if "test" in splits else "val"
         evaluation: dict[str, Any] = {"student": {}, "teacher": {}, "metrics_split": metrics_split}
         for split, res in s_out.items():
@@ -443,37 +465,40 @@ def export_bundle(
 
         # 4. weights, ONNX, INT8 ------------------------------------------------------------------
 
-        _phase("onnx_int8")
+        _phase("onnx")
         from kdviewer.models.architectures import spec_of
         from kdviewer.models.onnx_export import export_onnx
 
-        cpu_student = student.to("cpu")
+        cpu_student = Placement.cpu().model(student)
+        cpu_teacher = Placement.cpu().model(teacher) if teacher is not None else None
         torch.save({k: v.detach().cpu() for k, v in cpu_student.state_dict().items()}, tmp / "student.pt")
-        if teacher is not None:
-            torch.save({k: v.detach().cpu() for k, v in teacher.state_dict().items()}, tmp / "teacher.pt")
+        if cpu_teacher is not None:
+            torch.save({k: v.detach().cpu() for k, v in cpu_teacher.state_dict().items()}, tmp / "teacher.pt")
         onnx_path = export_onnx(cpu_student, tmp / "student.onnx", pre.channels, pre.input_size)
         int8_name: str | None = None
         int8_parity: dict[str, float] = {}
         training_notes: dict[str, Any] = {}
-        cal_images = None
-        if quantize or complexity:
-            cal_images = _collect(train_loader, calibration_size)
+        _phase("int8")
         if quantize:
             from training.quantize import int8_parity as parity_fn
             from training.quantize import quantize_onnx
 
             try:
+                cal_images = _collect(train_loader, calibration_size)
                 quantize_onnx(onnx_path, tmp / "student.int8.onnx", cal_images)
-                held_out = _collect(val_loader, 256)
+                _phase("parity")
+                held_out = _collect(val_loader, parity_size)
+                # latency of both files: measured once, with the complexity table when there is one
                 int8_parity = parity_fn(
-                    onnx_path, tmp / "student.int8.onnx", held_out, task, temp, threads=threads
+                    onnx_path, tmp / "student.int8.onnx", held_out, task, temp, threads=threads,
+                    runs=0 if complexity else latency_runs,
                 )
                 int8_name = "student.int8.onnx"
             except Exception as exc:  # INT8 is optional: record why it is missing
                 log.warning("INT8 quantization failed: %s", exc)
                 training_notes["int8_error"] = f"{type(exc).__name__}: {exc}"
                 (tmp / "student.int8.onnx").unlink(missing_ok=True)
-        evaluation["int8_parity"] = int8_parity
+        _phase("parity")  # (no-op when it ran above, or without INT8)
 
         # 5. OOD statistics -----------------------------------------------------------------------
 
@@ -483,7 +508,7 @@ def export_bundle(
         n_train = _count(train_loader)
         keep = 1.0 if not n_train else min(1.0, 1.2 * ood_max_train / n_train)
         train_feats = evaluate_model(
-            student.to(device),
+            student,
             train_loader,
             class_names,
             task,
@@ -514,37 +539,54 @@ def export_bundle(
 
         # 6. complexity ---------------------------------------------------------------------------
 
-        _phase("complexity")
+        _phase("latency")
         from training.complexity import compare_student_teacher, static_complexity
+        from training.quantize import recommend_int8
 
         s_static = static_complexity(cpu_student, pre.input_size, pre.channels)
         t_static = (
-            static_complexity(teacher.to("cpu"), pre.input_size, pre.channels)
-            if teacher is not None
-            else None
+            static_complexity(cpu_teacher, pre.input_size, pre.channels) if cpu_teacher is not None else None
         )
         if complexity:
             try:
                 evaluation["complexity"] = compare_student_teacher(
                     cpu_student,
-                    teacher.to("cpu") if teacher is not None else None,
+                    cpu_teacher,
                     input_size=pre.input_size,
                     channels=pre.channels,
                     student_onnx=onnx_path,
                     student_int8=tmp / int8_name if int8_name else None,
-                    calibration=cal_images[:32] if cal_images is not None else None,
+                    # the teacher runs in torch in the viewer: timed there, never exported or quantized
+                    # here (an ONNX export + INT8 calibration of a ResNet-50 only for a table cell)
+                    calibration=None,
+                    export_missing=False,
+                    static={"student": s_static, **({"teacher": t_static} if t_static else {})},
                     threads=threads,
                     runs=latency_runs,
+                    warmup=2,
+                    budget_s=LATENCY_BUDGET_S,
                 )
             except Exception as exc:
                 log.warning("complexity measurement failed: %s", exc)
                 training_notes["complexity_error"] = f"{type(exc).__name__}: {exc}"
         if "complexity" not in evaluation:
             evaluation["complexity"] = {"student": s_static, **({"teacher": t_static} if t_static else {})}
+        if int8_parity and "latency_int8_ms" not in int8_parity:
+            lat = (evaluation["complexity"].get("student") or {}).get("latency_ms") or {}
+            if "ort_fp32" in lat and "ort_int8" in lat:
+                int8_parity.update(latency_fp32_ms=lat["ort_fp32"], latency_int8_ms=lat["ort_int8"])
+            else:  # the complexity table failed: time the two files here
+                from training.quantize import int8_latency
+
+                int8_parity.update(
+                    int8_latency(onnx_path, tmp / "student.int8.onnx", held_out[:1], threads, latency_runs)
+                )
+            int8_parity = recommend_int8(int8_parity)
+        evaluation["int8_parity"] = int8_parity
 
         # 7. manifest and human-readable files ----------------------------------------------------
 
-        _phase("files")
+        _phase("report")
         s_spec = spec_of(cpu_student)
         student_spec = ModelSpec(
             architecture=student_arch,
@@ -641,7 +683,7 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        student.to(device)
+        place.model(student)
     log.info("bundle written to %s in %.1f s", out_dir, time.time() - t_start)
     return out_dir
 

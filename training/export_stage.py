@@ -19,8 +19,12 @@ import torch
 from torch import nn
 
 from kdviewer.events import EventWriter
+from training.checkpoint import LAST
 from training.config import RunConfig
+from training.placement import Placement
 from training.run_context import RunContext, RunResult
+from training.stage import _progress
+from training.stopping import StopNow, StopRequested
 from training.validation import bundle_eval_events, own_eval_events
 from training.zoo import count_parameters
 
@@ -32,51 +36,24 @@ FINISHED_FILE = "finished.json"
 def finish_run(
     ctx: RunContext, student: nn.Module, teacher: nn.Module | None
 ) -> tuple[Path | None, dict[str, Any], dict[str, Any]]:
-    """Export (or evaluate), emit ``run_end``, write ``finished.json``; -> (bundle, metrics, complexity)."""
-    cfg, events, splits, loaders = ctx.cfg, ctx.events, ctx.splits, ctx.loaders
+    """Export (or evaluate), emit ``run_end``, write ``finished.json``; -> (bundle, metrics, complexity).
+
+    Raises `StopRequested` (stage "export") when a stop is requested during the export: the bundle
+    being written is discarded, the trained checkpoints stay, ``run --resume`` exports again.
+    """
+    cfg, events = ctx.cfg, ctx.events
     out, t0 = ctx.out, ctx.t0
-    pre = cfg.preprocessing.to_manifest()
     bundle = None
     metrics: dict[str, Any] = {}
-    complexity: dict[str, Any] = {}
-    student_cpu = student.float().to("cpu").eval().to(memory_format=torch.contiguous_format)
-    teacher_cpu = (
-        teacher.float().to("cpu").eval().to(memory_format=torch.contiguous_format)
-        if teacher is not None
-        else None
-    )
-    complexity = {"student_params": count_parameters(student_cpu)}
+    student_cpu = Placement.cpu().model(student).eval()
+    teacher_cpu = Placement.cpu().model(teacher).eval() if teacher is not None else None
+    complexity: dict[str, Any] = {"student_params": count_parameters(student_cpu)}
     if teacher_cpu is not None:
         complexity["teacher_params"] = count_parameters(teacher_cpu)
     if cfg.output.export:
-        from training.export import export_bundle
-
-        bundle = export_bundle(
-            out / "bundle",
-            name=cfg.output.name,
-            task=cfg.task,
-            class_names=splits.class_names,
-            preprocessing=pre,
-            student=student_cpu,
-            student_arch=cfg.student.arch,
-            teacher=teacher_cpu,
-            teacher_arch=cfg.teacher.arch if cfg.teacher is not None else None,
-            train_loader=loaders["train_eval"],
-            val_loader=loaders["val"],
-            test_loader=loaders.get("test"),
-            config=cfg.model_dump(mode="json"),
-            history=ctx.history,
-            data_fingerprint=splits.fingerprint,
-            demo=cfg.output.demo,
-            synthetic=cfg.synthetic,
-            device="cpu",
-            quantize=cfg.output.quantize,
-            threads=cfg.runtime.threads or torch.get_num_threads(),
-            n_boot=cfg.output.bootstrap,
-            latency_runs=cfg.output.latency_runs,
-        )
-        bundle_eval_events(ctx, Path(bundle))
-        metrics, complexity = _bundle_summary(Path(bundle), complexity)
+        bundle = export_stage(ctx, student_cpu, teacher_cpu)
+        bundle_eval_events(ctx, bundle)
+        metrics, complexity = _bundle_summary(bundle, complexity)
     else:
         own = own_eval_events(ctx, student_cpu, "student")
         split = "test" if "test" in own else "val"
@@ -89,7 +66,109 @@ def finish_run(
         complexity=complexity,
     )
     _write_finished(out / FINISHED_FILE, cfg, bundle, metrics, complexity, time.time() - t0, events.run_id)
-    return Path(bundle) if bundle else None, metrics, complexity
+    return bundle, metrics, complexity
+
+
+def export_threads(cfg: RunConfig) -> int:
+    """Threads of every torch and ONNX Runtime computation of the export: ``runtime.threads`` when set,
+    else what torch uses (its default: the cores of this machine)."""
+    return int(cfg.runtime.threads or torch.get_num_threads())
+
+
+def export_stage(ctx: RunContext, student: nn.Module, teacher: nn.Module | None) -> Path:
+    """The export as a stage: ``stage_start`` (with its substages), one ``progress`` event per
+    substage, ``stage_end`` (with each substage's seconds); a stop request ends it at once."""
+    from training.export import EXPORT_PHASES, export_bundle
+
+    cfg, events, splits, loaders = ctx.cfg, ctx.events, ctx.splits, ctx.loaders
+    t_stage = time.time()
+    total = len(EXPORT_PHASES)
+    events.emit("stage_start", stage="export", epochs=0, steps_per_epoch=0, substages=list(EXPORT_PHASES))
+    bar = _progress(total, "export")
+    started: dict[str, float] = {}  # substage -> time it started
+
+    def progress(name: str) -> None:
+        if ctx.stop.requested:  # between substages (and at once, from inside one: `interrupting`)
+            raise StopNow(ctx.stop.reason)
+        started[name] = time.time()
+        index = EXPORT_PHASES.index(name) + 1 if name in EXPORT_PHASES else total
+        events.emit(
+            "progress",
+            stage="export",
+            substage=name,
+            index=index,
+            total=total,
+            elapsed_s=time.time() - t_stage,
+        )
+        if bar is not None:
+            bar.n = index - 1
+            bar.set_postfix_str(name)
+            bar.refresh()
+
+    _import_export_modules()  # outside the interruptible block: a stop never lands mid-import
+    threads = export_threads(cfg)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with ctx.stop.interrupting():
+            bundle = export_bundle(
+                ctx.out / "bundle",
+                name=cfg.output.name,
+                task=cfg.task,
+                class_names=splits.class_names,
+                preprocessing=cfg.preprocessing.to_manifest(),
+                student=student,
+                student_arch=cfg.student.arch,
+                teacher=teacher,
+                teacher_arch=cfg.teacher.arch if cfg.teacher is not None else None,
+                train_loader=loaders["train_eval"],
+                val_loader=loaders["val"],
+                test_loader=loaders.get("test"),
+                config=cfg.model_dump(mode="json"),
+                history=ctx.history,
+                data_fingerprint=splits.fingerprint,
+                demo=cfg.output.demo,
+                synthetic=cfg.synthetic,
+                device="cpu",
+                quantize=cfg.output.quantize,
+                threads=threads,
+                n_boot=cfg.output.bootstrap,
+                latency_runs=cfg.output.latency_runs,
+                progress=progress,
+            )
+    except StopNow:
+        last = ctx.history[-1]["epoch"] if ctx.history else 0
+        checkpoint = ctx.last_checkpoint or ctx.ckpt_dir / LAST
+        raise StopRequested(checkpoint, "export", int(last)) from None
+    finally:
+        torch.set_num_threads(old_threads)
+        if bar is not None:
+            bar.close()
+    ends = [*list(started.values())[1:], time.time()]
+    timings = {name: round(end - t, 2) for (name, t), end in zip(started.items(), ends, strict=True)}
+    events.emit("stage_end", stage="export", elapsed_s=time.time() - t_stage, timings=timings)
+    return Path(bundle)
+
+
+def _import_export_modules() -> None:
+    import importlib
+
+    for name in (
+        "onnx",
+        "onnxruntime",
+        "onnxruntime.quantization",
+        "onnxruntime.quantization.shape_inference",
+        "sklearn.metrics",
+        "kdviewer.models.onnx_export",
+        "kdviewer.inference.ood",
+        "training.calibration",
+        "training.complexity",
+        "training.evaluate",
+        "training.metrics",
+        "training.quantize",
+        "training.report",
+    ):
+        importlib.import_module(name)
 
 
 def _write_finished(path: Path, cfg: RunConfig, bundle: Path | str | None, metrics: dict[str, Any],

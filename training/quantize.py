@@ -161,10 +161,12 @@ def int8_parity(
     runs: int = 20,
     warmup: int = 3,
 ) -> dict[str, float]:
-    """Compare INT8 and fp32 ONNX probabilities on held-out ``images``; see the module docstring."""
+    """Compare INT8 and fp32 ONNX probabilities on held-out ``images``; see the module docstring.
+
+    ``runs`` <= 0 leaves out the latencies (and ``speedup``/``recommended``): `recommend_int8` adds
+    them once the caller has timed the files (`int8_latency`)."""
     from kdviewer.models.onnx_export import ort_session
     from training.calibration import probabilities
-    from training.complexity import round_robin_latency
 
     images = np.asarray(images, dtype=np.float32)
     s32, s8 = ort_session(fp32_path, threads), ort_session(int8_path, threads)
@@ -175,27 +177,46 @@ def int8_parity(
         agreement = float(np.mean((p8 >= 0.5) == (p32 >= 0.5)))
     else:
         agreement = float(np.mean(p8.argmax(1) == p32.argmax(1)))
-    feed = {s32.get_inputs()[0].name: np.ascontiguousarray(images[:1])}
-    lat = round_robin_latency(
-        {"fp32": lambda: s32.run(None, feed), "int8": lambda: s8.run(None, feed)}, runs=runs, warmup=warmup
-    )
-    lat32, lat8 = lat["fp32"], lat["int8"]
     out = {
         "max_abs_diff_prob": float(diff.max()),
         "mean_abs_diff_prob": float(diff.mean()),
         "agreement": agreement,
         "n": float(len(images)),
-        "latency_fp32_ms": lat32,
-        "latency_int8_ms": lat8,
-        "speedup": lat32 / lat8 if lat8 > 0 else 0.0,
         "threads": float(threads),
     }
-    good = agreement >= AGREEMENT_MIN and out["max_abs_diff_prob"] <= MAX_DP_MAX and lat8 < lat32
+    if runs <= 0:  # the caller times the two files elsewhere (export: with the complexity table)
+        return out
+    out.update(int8_latency(s32, s8, images[:1], threads, runs, warmup))
+    return recommend_int8(out)
+
+
+def int8_latency(
+    fp32: Any, int8: Any, image: np.ndarray, threads: int = 2, runs: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Median batch-1 milliseconds of two ONNX files (paths or sessions), timed round-robin."""
+    from kdviewer.models.onnx_export import ort_session
+    from training.complexity import round_robin_latency
+
+    s32 = ort_session(fp32, threads) if isinstance(fp32, (str, Path)) else fp32
+    s8 = ort_session(int8, threads) if isinstance(int8, (str, Path)) else int8
+    feed = {s32.get_inputs()[0].name: np.ascontiguousarray(np.asarray(image, dtype=np.float32)[:1])}
+    lat = round_robin_latency(
+        {"fp32": lambda: s32.run(None, feed), "int8": lambda: s8.run(None, feed)}, runs=runs, warmup=warmup
+    )
+    return {"latency_fp32_ms": lat["fp32"], "latency_int8_ms": lat["int8"]}
+
+
+def recommend_int8(parity: dict[str, float]) -> dict[str, float]:
+    """Add ``speedup`` and ``recommended`` (see the module docstring) to a parity dict with latencies."""
+    out = dict(parity)
+    lat32, lat8 = float(out["latency_fp32_ms"]), float(out["latency_int8_ms"])
+    out["speedup"] = lat32 / lat8 if lat8 > 0 else 0.0
+    good = out["agreement"] >= AGREEMENT_MIN and out["max_abs_diff_prob"] <= MAX_DP_MAX and lat8 < lat32
     out["recommended"] = 1.0 if good else 0.0
     if not good:
         log.warning(
             "INT8 model kept but not recommended: agreement %.3f, max |Δp| %.3f, %.2f ms vs fp32 %.2f ms",
-            agreement,
+            out["agreement"],
             out["max_abs_diff_prob"],
             lat8,
             lat32,

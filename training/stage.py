@@ -213,6 +213,7 @@ def train_stage(
     steps_per_epoch = len(train_loader.batches(1))
     epochs = optim_cfg.epochs
     total_steps = steps_per_epoch * epochs
+    t_stage = time.time()
     if ctx.dist.is_main:
         ctx.events.emit("stage_start", stage=stage, epochs=epochs, steps_per_epoch=steps_per_epoch)
     later_steps = sum(v for k, v in ctx.stage_steps.items() if k == "student" and stage == "teacher")
@@ -390,6 +391,8 @@ def train_stage(
     _drain(ctx, wait=True)
     if optim_cfg.select_best and best_state is not None:
         model.load_state_dict(best_state)  # copied into the model's own tensors: its device is kept
+    if ctx.dist.is_main:
+        ctx.events.emit("stage_end", stage=stage, elapsed_s=time.time() - t_stage, best_epoch=best_epoch)
     return model
 
 

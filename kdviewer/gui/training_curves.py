@@ -190,7 +190,7 @@ class TrainingCurves(QWidget):
     # -- events ----------------------------------------------------------------------------------
     def handle_event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
-        if kind == "stage_start":
+        if kind == "stage_start" and not ev.get("substages"):  # (the export has no steps to plot)
             self._begin_stage(str(ev.get("stage") or "stage"))
             spe = ev.get("steps_per_epoch")
             self._steps_per_epoch = int(spe) if _finite(spe) and spe > 0 else None

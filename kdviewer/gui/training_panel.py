@@ -448,6 +448,7 @@ class TrainingPanel(QWidget):
         self.banner.setVisible(False)
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
+        self.progress.setFormat("%p%")
         self.stage_label.setText("No run yet.")
         for lbl, text in (
             (self.eta_label, "ETA –"),
@@ -496,6 +497,12 @@ class TrainingPanel(QWidget):
                 self._log("training on SYNTHETIC data", kind="info")
             if self._total_steps:
                 self.progress.setRange(0, self._total_steps)
+        elif kind == "stage_start" and ev.get("substages"):
+            self._on_substage_stage(ev)
+        elif kind == "progress":
+            self._on_substage(ev)
+        elif kind == "stage_end":
+            self._on_stage_end(ev)
         elif kind == "stage_start":
             stage = str(ev.get("stage") or "stage")
             epochs = int(ev.get("epochs") or 0)
@@ -523,7 +530,8 @@ class TrainingPanel(QWidget):
         elif kind == "stopped":
             self.last_checkpoint = ev.get("checkpoint") or self.last_checkpoint
             self.outcome = "stopped"
-            self._log(f"stopped at epoch {ev.get('epoch')}; checkpoint {self.last_checkpoint}", kind="info")
+            where = "during the export" if ev.get("stage") == "export" else f"at epoch {ev.get('epoch')}"
+            self._log(f"stopped {where}; checkpoint {self.last_checkpoint}", kind="info")
         elif kind == "error":
             self.outcome = "failed"
             self.last_checkpoint = ev.get("checkpoint") or self.last_checkpoint
@@ -544,6 +552,41 @@ class TrainingPanel(QWidget):
             if live:
                 self.report.show_run(self.events)
                 self.tabs.setCurrentWidget(self.report)
+
+    def _on_substage_stage(self, ev: dict[str, Any]) -> None:
+        """A stage made of named substages (the export): the bar counts substages from here on."""
+        stage = str(ev.get("stage") or "stage")
+        subs = [str(s) for s in ev.get("substages") or []]
+        self.progress.setRange(0, max(1, len(subs)))
+        self.progress.setValue(0)
+        self.progress.setFormat(f"{stage}: %v/%m done")
+        self.eta_label.setText("ETA –")
+        self.rate_label.setText("")
+        self.stage_label.setText(f"{stage}: starting")
+        self._log(f"stage {stage}: {', '.join(subs)}", kind="info")
+
+    def _on_substage(self, ev: dict[str, Any]) -> None:
+        stage, sub = str(ev.get("stage") or ""), str(ev.get("substage") or "")
+        index, total = int(ev.get("index") or 0), int(ev.get("total") or 0)
+        if total and self.progress.maximum() != total:
+            self.progress.setRange(0, total)
+            self.progress.setFormat(f"{stage}: %v/%m done")
+        self.progress.setValue(max(0, min(index - 1, self.progress.maximum())))
+        elapsed = ev.get("elapsed_s")
+        self.stage_label.setText(
+            f"{stage} · {sub} ({index}/{total})"
+            + (f" · {format_duration(elapsed)}" if isinstance(elapsed, (int, float)) else "")
+        )
+
+    def _on_stage_end(self, ev: dict[str, Any]) -> None:
+        stage = str(ev.get("stage") or "stage")
+        elapsed = ev.get("elapsed_s")
+        timings = ev.get("timings") or {}
+        detail = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, (int, float)))
+        took = f"{elapsed:.1f} s" if isinstance(elapsed, (int, float)) else "?"
+        self._log(f"stage {stage} done in {took}" + (f" ({detail})" if detail else ""), kind="info")
+        if timings:
+            self.progress.setValue(self.progress.maximum())
 
     def _on_step(self, ev: dict[str, Any]) -> None:
         stage = str(ev.get("stage") or "")
