@@ -18,8 +18,11 @@ cancellation through a `threading.Event`).
   so every file ends up exactly once.
 
 CSV columns: path, case_type (image | series | error), study_uid, series_uid, sop_uid, label, refused,
-prob_<class>..., teacher_label, teacher_prob_<class>... (with a teacher), disagreement, divergence,
-ood_score, ood_flag, error, t_decode_ms, t_infer_ms, n_frames, n_found, warning, heatmap. For a series,
+prob_<class>..., [multi-label: above_<finding>... (1 when the finding's probability is at or above the
+bundle's threshold for it, else 0; ``label`` lists those findings, most probable first)], teacher_label,
+teacher_prob_<class>... (with a teacher), disagreement, divergence, ood_score, ood_flag, error, t_decode_ms,
+t_infer_ms, n_frames, n_found, warning, heatmap (Grad-CAM of the answer, or of ``heatmap_target``). For a
+series,
 ``path`` is the folder of its slices (``folder#SeriesInstanceUID`` when one folder holds several
 series) and the probabilities are the series aggregate (see `kdviewer.inference.predict`); ``n_frames``
 slices were used of the ``n_found`` found, every slice left out has its own error row, and ``warning``
@@ -306,9 +309,11 @@ def _worker_init(parent_pid: int) -> None:
 # ------------------------------------------------------------------------------------------ output
 
 
-def csv_columns(class_names: list[str], teacher: bool) -> list[str]:
+def csv_columns(class_names: list[str], teacher: bool, multi_label: bool = False) -> list[str]:
     cols = ["path", "case_type", "study_uid", "series_uid", "sop_uid", "label", "refused"]
     cols += [f"prob_{c}" for c in class_names]
+    if multi_label:
+        cols += [f"above_{c}" for c in class_names]
     if teacher:
         cols += ["teacher_label"] + [f"teacher_prob_{c}" for c in class_names]
     cols += ["disagreement", "divergence", "ood_score", "ood_flag", "error", "t_decode_ms", "t_infer_ms",
@@ -450,7 +455,7 @@ def _typed(row: dict[str, str]) -> dict[str, Any]:
         elif k.startswith(("prob_", "teacher_prob_")) or k in ("divergence", "ood_score", "t_decode_ms",
                                                                "t_infer_ms"):
             out[k] = float(v)
-        elif k in ("n_frames", "n_found"):
+        elif k in ("n_frames", "n_found") or k.startswith("above_"):
             out[k] = int(v)
         else:
             out[k] = v
@@ -533,6 +538,7 @@ def run_batch(
     cases: list[Case] | None = None,
     on_result: Callable[[Any, Case, Any, Any], None] | None = None,
     deidentify: bool = False,
+    heatmap_target: str | None = None,
 ) -> BatchSummary:
     """Classify every case under ``folder``; see the module docstring. Raises only for run failures
     (`BatchError`, `BundleError`); unreadable files become rows with an ``error``.
@@ -550,6 +556,9 @@ def run_batch(
     the output can leave the hospital without the identifiers the paths and UIDs carry.
 
     ``workers`` and ``threads`` are capped at the machine's cores (with a warning).
+
+    ``heatmap_target``: the class / finding every heatmap explains (default: each case's own answer; for
+    a multi-label model the finding furthest above its threshold).
     """
     from kdviewer.inference.predict import Classifier, cap_to_cores
 
@@ -563,7 +572,10 @@ def run_batch(
         check_json_is_ours(json_path)
     clf = Classifier(bundle, use_int8=use_int8, threads=threads, load_teacher=teacher)  # type: ignore[arg-type]
     names = clf.class_names
-    columns = csv_columns(names, teacher)
+    if heatmap_target is not None and heatmap_target not in names:
+        raise BatchError(f"unknown finding {heatmap_target!r} for the heatmaps; this model's classes: "
+                         + ", ".join(names))
+    columns = csv_columns(names, teacher, clf.multi_label)
     done_rows = read_done(out_csv, columns)
     done = {_norm(r["path"]) for r in done_rows}
     all_cases = scan(folder) if cases is None else cases
@@ -668,7 +680,7 @@ def run_batch(
             row = _row(by_path[b["path"]], b, preds[i], comp, names, infer_ms=per_img * len(arrays[i]))
             if heat_dir is not None:
                 row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i],
-                                                anonymous=deidentify)
+                                                anonymous=deidentify, target=heatmap_target)
             result_hook(by_path[b["path"]], preds[i], comp)
             emit_dropped(b)
             emit(row)
@@ -807,6 +819,9 @@ def _row(
         row["label"] = pred.label
         for n, p in zip(names, pred.probabilities, strict=True):
             row[f"prob_{n}"] = float(p)
+        if pred.thresholds is not None:
+            for n, p, t in zip(names, pred.probabilities, pred.thresholds, strict=True):
+                row[f"above_{n}"] = int(p >= t)
         row["ood_score"] = pred.ood_score
         row["ood_flag"] = pred.ood_flag
     if comp is not None:
@@ -818,8 +833,11 @@ def _row(
     return row
 
 
-def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any, anonymous: bool = False) -> str:
-    """Grad-CAM overlay PNG of the predicted class (middle slice for a series); '' when impossible.
+def _write_heatmap(
+    clf: Any, case: Case, heat_dir: Path, pred: Any, anonymous: bool = False, target: str | None = None
+) -> str:
+    """Grad-CAM overlay PNG of the predicted class, or of ``target`` (middle slice for a series); ''
+    when impossible.
 
     ``anonymous`` (``--deidentify``): the file is named by a hash only, never by the case's file name."""
     from PIL import Image, PngImagePlugin
@@ -829,7 +847,7 @@ def _write_heatmap(clf: Any, case: Case, heat_dir: Path, pred: Any, anonymous: b
 
     try:
         study = load_case(case)
-        smap = explain(clf, study, pred)  # on the slice that drove a series aggregate
+        smap = explain(clf, study, pred, target=target)  # on the slice that drove a series aggregate
         if smap is None:
             return ""
         rgb = overlay(display_frame(study, smap.frame), smap.heatmap)

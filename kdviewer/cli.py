@@ -81,7 +81,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise KDViewerError(f"rendering needs the viewer package, which is not available ({exc})") from exc
     bundle = Path(args.model).expanduser() if args.model else None  # None: the viewer's default (demo)
     answer: dict[str, str] = {}
-    out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency, answer=answer)
+    out = render_case(Path(args.case), Path(args.output), bundle, args.teacher, args.saliency, answer=answer,
+                      finding=args.finding)
     print(out if out is not None else args.output)
     if answer.get("headline"):  # what the picture says, in words (same trust rules as the viewer)
         detail = f" - {answer['detail']}" if answer.get("detail") else ""
@@ -119,7 +120,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             bar.set_postfix(errors=p.errors, refresh=False)
 
     cancel = threading.Event()
-    exporter = _DicomExporter(Path(args.dicom_out), _send_target(args)) if args.dicom_out else None
+    exporter = (_DicomExporter(Path(args.dicom_out), _send_target(args), args.finding)
+                if args.dicom_out else None)
     try:
         summary = run_batch(
             folder,
@@ -136,6 +138,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             cancel=cancel,
             on_result=exporter,
             deidentify=args.deidentify,
+            heatmap_target=args.finding,
         )
     finally:
         if bar is not None:
@@ -150,8 +153,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 class _DicomExporter:
     """``classify --dicom-out``: SR + SC per classified case (reloaded here for its pixels and headers)."""
 
-    def __init__(self, out_dir: Path, send: dict[str, Any] | None = None) -> None:
+    def __init__(self, out_dir: Path, send: dict[str, Any] | None = None, finding: str | None = None) -> None:
         self.out_dir = out_dir
+        self.finding = finding
         self.send = send
         self.sent = 0
         self.written = 0
@@ -167,7 +171,8 @@ class _DicomExporter:
         try:
             study = load_case(case)
             done = export_case(study, pred, self.out_dir, model=self._model, comparison=comp,
-                               saliency=_explain(clf, study, pred), files=list(case.files), case=case.path)
+                               saliency=_explain(clf, study, pred, self.finding), files=list(case.files),
+                               case=case.path)
             self.written += 1
             if self.send is not None:
                 from kdviewer.dicom_out.send import send_files
@@ -197,12 +202,13 @@ def _send_target(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"host": host, "port": port, "called_aet": args.aet, "calling_aet": args.calling_aet}
 
 
-def _explain(clf: Any, study: Any, pred: Any) -> Any:
-    """Grad-CAM of the answer for the Secondary Capture; None (a capture without overlay) when it fails."""
+def _explain(clf: Any, study: Any, pred: Any, finding: str | None = None) -> Any:
+    """Grad-CAM of the answer (or of ``finding``) for the Secondary Capture; None (a capture without
+    overlay) when it fails."""
     from kdviewer.inference.saliency import explain
 
     try:
-        return explain(clf, study, pred)
+        return explain(clf, study, pred, target=finding)
     except (KDViewerError, ValueError, RuntimeError) as exc:
         log.warning("no saliency overlay for the DICOM capture: %s", _one_line(exc))
         return None
@@ -220,6 +226,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     study = _load_case(Path(args.file))
     clf = Classifier(_bundle_arg(args.model), use_int8=args.int8, threads=args.threads,
                      load_teacher=args.teacher)
+    _check_finding(clf.class_names, args.finding)
     frames: Any = None if args.frames == "auto" else args.frames
     comp: Any = None
     if args.teacher:
@@ -241,7 +248,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         done = export_case(study, pred, Path(args.dicom_out), bundle=clf.bundle,
                            comparison=comp,
-                           saliency=_explain(clf, study, pred), case=args.file)
+                           saliency=_explain(clf, study, pred, args.finding), case=args.file)
         result["dicom"] = {"sr": str(done.sr_path), "sc": str(done.sc_path), "study_uid": done.study_uid}
         target = _send_target(args)
         if target is not None:
@@ -249,6 +256,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
             result["dicom"]["stored"] = send_files([done.sr_path, done.sc_path], **target)
             result["dicom"]["sent_to"] = f"{target['called_aet']}@{target['host']}:{target['port']}"
+    if args.heatmap:
+        result["heatmap"] = _save_heatmap(clf, study, pred, args.finding, Path(args.heatmap))
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -264,6 +273,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(plain(f"  the model's output anyway (not reliable): {pred.label}"))
         for name, p in zip(pred.class_names, pred.probabilities, strict=True):
             print(f"    {plain(name):<18} {p:.3f}")
+    elif pred.task == "multi-label":
+        _print_findings(str(args.file), pred, shown)
     else:
         print(plain(f"{args.file}: {pred.label} ({pred.probability:.1%}){shown}"))
         for name, p in zip(pred.class_names, pred.probabilities, strict=True):
@@ -284,13 +295,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.teacher:
         c = result
         verdict = "DISAGREE" if c["disagree"] else "agree"
-        print(f"  teacher: {comp.teacher.label} ({comp.teacher.probability:.1%}); student and teacher "
-              f"{verdict} (TV {c['divergence']:.3f}, threshold {c['threshold']:.2f})")
+        said = comp.teacher.label if comp.teacher.task == "multi-label" else (
+            f"{comp.teacher.label} ({comp.teacher.probability:.1%})")
+        print(plain(f"  teacher: {said}; student and teacher {verdict} "
+                    f"(TV {c['divergence']:.3f}, threshold {c['threshold']:.2f})"))
+    if result.get("heatmap"):
+        print(plain(f"  Grad-CAM of {result['heatmap']['finding']}: {result['heatmap']['path']}"))
     calib = f"calibrated, T={pred.temperature:g}" if pred.calibrated else "uncalibrated"
     print(f"  {calib}; {pred.runtime}; {pred.timings.get('total_ms', 0.0):.1f} ms")
     print("  decision support only - not a diagnosis")
     _print_dicom_out(args, result)
     return EXIT_OK
+
+
+def _check_finding(names: list[str], finding: str | None) -> None:
+    if finding is not None and finding not in names:
+        raise KDViewerError(f"unknown finding {finding!r}; this model's classes: {', '.join(names)}")
+
+
+def _save_heatmap(clf: Any, study: Any, pred: Any, finding: str | None, out: Path) -> dict[str, str] | None:
+    """``predict --heatmap``: Grad-CAM overlay PNG of the answer (or of ``finding``); None when the model
+    gave no answer (refused by the modality gate)."""
+    from PIL import Image
+
+    from kdviewer.imaging.windowing import display_frame
+    from kdviewer.inference.saliency import explain, overlay
+
+    smap = explain(clf, study, pred, target=finding)
+    if smap is None:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay(display_frame(study, smap.frame), smap.heatmap)).save(out)
+    return {"path": str(out), "finding": smap.class_name, "method": smap.method}
+
+
+def _print_findings(case: str, pred: Any, shown: str) -> None:
+    """A multi-label answer: the findings at or above their own thresholds, then one line per finding
+    (probability, threshold, ABOVE), the way the viewer's bars show them."""
+    n = len(pred.positives)
+    what = f"{n} of {len(pred.class_names)} findings at or above their thresholds" if n else pred.label
+    print(plain(f"{case}: {', '.join(pred.positives) if n else 'no finding'} ({what}){shown}"))
+    thresholds = pred.thresholds or [0.5] * len(pred.class_names)
+    print(f"  {'finding':<20} {'p':>5}  {'threshold':>9}")
+    for name, p, t in zip(pred.class_names, pred.probabilities, thresholds, strict=True):
+        mark = "  ABOVE" if p >= t else ""
+        print(plain(f"  {name:<20} {p:.3f}  {t:>9.3f}{mark}"))
 
 
 def _print_dicom_out(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -406,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="store_true", help="also run the teacher and flag disagreements")
     p.add_argument("--json", metavar="FILE", help="also write JSON (.jsonl: one object per line, as it goes)")
     p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG per case into DIR")
+    p.add_argument("--finding", metavar="NAME", default=None,
+                   help="the class / finding the heatmaps and DICOM captures explain (default: each "
+                   "case's answer; multi-label: the finding furthest above its threshold)")
     p.add_argument("--workers", type=int, default=2, help="decoder processes (0 = decode in-process)")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -423,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", choices=("auto", "all", "middle"), default="auto",
                    help="which frames: auto = every slice of a CT volume, else the middle one")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--heatmap", metavar="PNG", help="write the Grad-CAM overlay of the answer to PNG")
+    p.add_argument("--finding", metavar="NAME", default=None,
+                   help="the class / finding --heatmap and --dicom-out explain (default: the answer; "
+                   "multi-label: the finding furthest above its threshold)")
     p.add_argument("--dicom-out", metavar="DIR",
                    help="also write a DICOM Structured Report + Secondary Capture of the result into DIR")
     _add_send(p)
@@ -435,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="store_true")
     p.add_argument("--saliency", metavar="METHOD", default=None,
                    help="gradcam, gradcam++, scorecam, eigencam, layercam or hirescam")
+    p.add_argument("--finding", metavar="NAME", default=None,
+                   help="the class / finding the saliency map explains (default: the answer)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("info", help="summary of an image / series (safe tags only) or of a model bundle")

@@ -111,3 +111,57 @@ def test_ablation_refuses_unknown_methods_and_a_missing_teacher(recipe_and_teach
         kd_train(["ablate", str(recipe), "--methods", "none,telepathy", "--out", str(tmp_path)])
     assert kd_train(["ablate", str(recipe), "--methods", "hinton", "--teacher", str(tmp_path / "nope")]) == 2
     assert "no teacher" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(900)
+def test_multilabel_ablation_reports_every_label_and_the_teacher_arm(tmp_path) -> None:
+    """Multi-label: per-label AUCs with CIs and val positives; the teacher arm evaluates the given teacher
+    for the recipe's seed and trains the teacher recipe alone for another seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["path,findings,patient_id"]
+    for i in range(48):
+        labs = [n for n, p in (("A", 0.5), ("B", 0.3)) if rng.random() < p]
+        img = rng.integers(0, 80, (32, 32)).astype(np.uint8)
+        if "A" in labs:
+            img[8:24, 8:24] += 120  # a bright square: learnable in an epoch
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'|'.join(labs) or 'No Finding'},{i // 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "version": 1,
+        "task": "multi-label",
+        "data": {"csv": str(tmp_path / "labels.csv"), "label_column": "findings", "split": "patient",
+                 "stratify_patients": True, "val_fraction": 0.4, "classes": ["A", "B"],
+                 "negative_labels": ["No Finding"]},
+        "preprocessing": {"input_size": 32, "resize": 32},
+        "teacher": {"arch": "cxrnet_s", "epochs": 1},
+        "student": {"arch": "smallcnn_s"},
+        "kd": {"methods": [{"name": "at"}]},
+        "optim": {"epochs": 1, "batch_size": 8},
+        "runtime": {"amp": "off", "threads": 1, "seed": 0},
+        "output": {"dir": str(tmp_path / "main"), "export": False},
+    }), encoding="utf-8")
+    teacher = tmp_path / "teacher.pt"
+    torch.save(create_model("cxrnet_s", 2).state_dict(), teacher)
+    out = tmp_path / "ablation"
+    rc = kd_train(["ablate", str(recipe), "--methods", "teacher", "--seeds", "0,1", "--teacher", str(teacher),
+                   "--out", str(out), "--bootstrap", "20"])
+    assert rc == 0
+    table = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
+    assert table["task"] == "multi-label" and table["class_names"] == ["A", "B"]
+    assert [(r["method"], r["seed"]) for r in table["runs"]] == [("teacher", 0), ("teacher", 1)]
+    given, trained = table["runs"]
+    assert trained["weights"] is None and trained["epochs"] == 1
+    assert given["weights"] == str(teacher.resolve()) and not (out / "teacher-s0").exists()
+    cfg = yaml.safe_load((out / "teacher-s1" / "config.yaml").read_text(encoding="utf-8"))
+    assert cfg["student"]["arch"] == "cxrnet_s" and cfg["teacher"] is None and cfg["kd"]["methods"] == []
+    assert sum(table["support"]) > 0
+    for r in table["runs"]:
+        for k in ("roc_auc", "roc_auc:A", "roc_auc:B"):
+            assert 0.0 <= r["metrics"][k]["value"] <= 1.0
+    md = (out / "ablation.md").read_text(encoding="utf-8")
+    assert "Per-label ROC-AUC on val" in md and "| A |" in md and "| **macro** |" in md

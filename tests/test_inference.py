@@ -164,8 +164,9 @@ def test_multi_label_bundle_uses_sigmoid(tmp_path: Path) -> None:
     pred = c.predict(Study(cxr_bundle().val.images[0].astype(np.float32)))
     assert pred.task == "multi-label"
     assert np.allclose(pred.probabilities, 1 / (1 + np.exp(-pred.logits[0])), atol=1e-5)
-    pairs = zip(pred.class_names, pred.probabilities, strict=True)
-    assert pred.positives == [n for n, p in pairs if p >= 0.5]
+    pairs = sorted(zip(pred.class_names, pred.probabilities, strict=True), key=lambda np_: -np_[1])
+    assert pred.positives == [n for n, p in pairs if p >= 0.5]  # no thresholds in the manifest: 0.5 each
+    assert pred.thresholds == [0.5, 0.5]
 
 
 def test_bundle_written_by_the_training_exporter(tmp_path: Path) -> None:

@@ -7,6 +7,10 @@ engine subprocess (``python -m training run RECIPE --set ...``, so each run's wa
 own), with only the distillation changed:
 
 * ``none``: no teacher at all (``teacher: null``, no KD methods) — the baseline;
+* ``teacher``: the recipe's teacher trained alone (its architecture, weights, freeze, dropout, batch-norm
+  momentum, epochs and optimiser overrides, no KD) with that seed, to show the teacher's own spread over
+  seeds. For the recipe's own seed the ``--teacher`` weights are evaluated instead of training a twin:
+  they are that run's teacher stage;
 * any KD method name (``hinton``, ``fitnets``, ``at``, ``rkd``, ``sp``): that method alone, with the
   recipe's own settings for it when the recipe uses it, else its defaults; the teacher is the one
   trained by the recipe's main run (``--teacher``: its bundle, default ``<output.dir>/bundle``, or its
@@ -14,7 +18,8 @@ own), with only the distillation changed:
   (``teacher.epochs: 0``), so every student learns from the same teacher.
 
 Each student's best-val checkpoint is then evaluated on the val split (never test) with bootstrap 95%
-CIs; with several seeds the table adds each method's mean over seeds with its [min – max] (the spread
+CIs (multi-label tasks: macro AUC and every label's AUC with its CI, and each label's number of val
+positives); with several seeds the table adds each method's mean over seeds with its [min – max] (the spread
 between training runs, which the CIs do not cover). Output: ``<out>/<method>-s<seed>/`` (engine runs),
 ``<out>/ablation.json`` and ``<out>/ablation.md``. A rerun skips runs that already finished with the
 same number of epochs, so a killed ablation resumes.
@@ -40,8 +45,16 @@ from training.config import RunConfig, load_config, resolve_recipe
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "hinton", "fitnets", "at", "rkd", "sp")
-LABELS = {"none": "no KD", "hinton": "Hinton", "fitnets": "FitNets", "at": "AT", "rkd": "RKD", "sp": "SP"}
+METHODS = ("none", "teacher", "hinton", "fitnets", "at", "rkd", "sp")
+LABELS = {
+    "none": "no KD",
+    "teacher": "teacher",
+    "hinton": "Hinton",
+    "fitnets": "FitNets",
+    "at": "AT",
+    "rkd": "RKD",
+    "sp": "SP",
+}
 
 
 def _json(value: Any) -> str:
@@ -49,8 +62,10 @@ def _json(value: Any) -> str:
 
 
 def method_settings(cfg: RunConfig, name: str) -> list[dict[str, Any]] | None:
-    """kd.methods for one ablation arm: None for "none", else the recipe's settings of that method."""
-    if name == "none":
+    """kd.methods for one ablation arm: None for "none" / "teacher", else the recipe's settings of it."""
+    if name == "teacher" and cfg.teacher is None:
+        raise ValueError("method 'teacher': this recipe has no teacher")
+    if name in ("none", "teacher"):
         return None
     if name not in METHODS:
         raise ValueError(f"unknown KD method {name!r}; choose from {', '.join(METHODS)}")
@@ -161,9 +176,17 @@ def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed:
 
 
 def evaluate_student(
-    run_dir: Path, cfg: RunConfig, loader: Any, class_names: list[str], n_boot: int = 1000
+    run_dir: Path,
+    cfg: RunConfig,
+    loader: Any,
+    class_names: list[str],
+    n_boot: int = 1000,
+    *,
+    arch: str | None = None,
+    weights: Path | None = None,
 ) -> dict[str, Any]:
-    """Val metrics (bootstrap CIs) of the best-val student checkpoint of an engine run."""
+    """Val metrics (bootstrap CIs) of the best-val student checkpoint of an engine run (or of ``weights``,
+    a state dict / bundle of ``arch``: the recipe's teacher)."""
     import torch
 
     from training.checkpoint import load_checkpoint
@@ -172,8 +195,12 @@ def evaluate_student(
     from training.zoo import create_model
 
     sc = cfg.student
-    model = create_model(sc.arch, len(class_names), cfg.preprocessing.channels, sc.dropout)
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best_student.pt"))
+    if weights is not None:
+        channels = cfg.preprocessing.channels
+        model = create_model(arch or sc.arch, len(class_names), channels, weights=str(weights))
+    else:
+        model = create_model(arch or sc.arch, len(class_names), cfg.preprocessing.channels, sc.dropout)
+        model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best_student.pt"))
     with torch.inference_mode():
         res = evaluate_model(model, loader, class_names, cfg.task, "cpu")
     m = compute_metrics(res["targets"], res["probs"], class_names, cfg.task, n_boot=n_boot)
@@ -181,7 +208,28 @@ def evaluate_student(
     metrics = {k: m["metrics"][k] for k in keys if k in m["metrics"]}
     if cfg.task == "single-label":
         metrics["balanced_accuracy"] = balanced_accuracy(res["targets"], res["probs"].argmax(1), n_boot)
-    return {"metrics": metrics, "confusion_matrix": m.get("confusion_matrix")}
+    else:  # every label's AUC with its CI (NaN when val has no positive of it)
+        metrics.update({k: v for k, v in m["metrics"].items() if k.startswith("roc_auc:")})
+    return {"metrics": metrics, "confusion_matrix": m.get("confusion_matrix"), "support": m.get("support")}
+
+
+def teacher_alone_overrides(cfg: RunConfig) -> list[str]:
+    """``--set`` overrides that make a recipe run train its teacher as the (only) model, without KD."""
+    tc = cfg.teacher
+    assert tc is not None
+    out = [
+        f"student.arch={tc.arch}",
+        f"student.weights={tc.weights}",
+        f"student.dropout={tc.dropout}",
+        f"student.freeze={_json(tc.freeze)}",
+        f"student.bn_momentum={_json(tc.bn_momentum)}",
+        "teacher=null",
+        "kd.methods=[]",
+    ]
+    if tc.optim is not None:
+        for key, value in tc.optim.model_dump(exclude_none=True).items():
+            out.append(f"optim.{key}={_json(value)}")
+    return out
 
 
 def run_ablation(
@@ -207,12 +255,20 @@ def run_ablation(
     main_epochs = cfg.optim.epochs
     epochs = epochs or main_epochs
     todo = []
+    given: dict[tuple[str, int], Path] = {}  # (method, seed) evaluated from existing weights
     for seed in seeds:
         for name in methods:
             kd = method_settings(cfg, name)
+            run_epochs = epochs
+            if name == "teacher":
+                assert cfg.teacher is not None
+                if seed == cfg.runtime.seed and teacher.exists():
+                    given[(name, seed)] = teacher
+                    continue
+                run_epochs = cfg.teacher.epochs
             overrides = [
                 *base_overrides,
-                f"optim.epochs={epochs}",
+                f"optim.epochs={run_epochs}",
                 f"runtime.seed={seed}",
                 "output.export=false",
             ]
@@ -220,15 +276,17 @@ def run_ablation(
                 overrides.append(f"runtime.threads={threads}")
             if cfg.data.seed is None:  # the split stays the recipe's, whatever the training seed
                 overrides.append(f"data.seed={cfg.runtime.seed}")
-            if kd is None:
+            if name == "teacher":
+                overrides += teacher_alone_overrides(cfg)
+            elif kd is None:
                 overrides += ["teacher=null", "kd.methods=[]"]
             else:
                 overrides += [f"teacher.weights={teacher}", "teacher.epochs=0", f"kd.methods={_json(kd)}"]
-            todo.append((name, seed, out / f"{name}-s{seed}", overrides))
+            todo.append((name, seed, out / f"{name}-s{seed}", overrides, run_epochs))
 
-    def work(item: tuple[str, int, Path, list[str]]) -> dict[str, Any]:
-        name, seed, run_dir, overrides = item
-        if finished(run_dir, epochs):
+    def work(item: tuple[str, int, Path, list[str], int]) -> dict[str, Any]:
+        name, seed, run_dir, overrides, run_epochs = item
+        if finished(run_dir, run_epochs):
             log.info("ablation: %s (seed %d) reused from %s", name, seed, run_dir)
             info = {"out_dir": str(run_dir), **stage_times(run_dir / "events.jsonl"), "reused": True}
         else:
@@ -240,11 +298,26 @@ def run_ablation(
 
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        infos = list(pool.map(work, todo))
+        done = {(i["method"], i["seed"]): i for i in pool.map(work, todo)}
+    infos = []
+    for seed in seeds:  # in the order asked for, given (method, seed) pairs included
+        for name in methods:
+            if (name, seed) in given:
+                weights = str(given[(name, seed)])
+                infos.append({"method": name, "seed": seed, "weights": weights, "stages": {}})
+            else:
+                infos.append(done[(name, seed)])
     loader, class_names, val_paths = val_loader(cfg)
     rows = []
+    support = None
     for info in infos:
-        ev = evaluate_student(Path(info["out_dir"]), cfg, loader, class_names, n_boot)
+        is_teacher = info["method"] == "teacher"
+        arch = cfg.teacher.arch if is_teacher and cfg.teacher is not None else None
+        weights = Path(info["weights"]) if info.get("weights") else None
+        ev = evaluate_student(
+            Path(info.get("out_dir", ".")), cfg, loader, class_names, n_boot, arch=arch, weights=weights
+        )
+        support = ev.get("support")
         st = info["stages"].get("student", {})
         rows.append(
             {
@@ -253,11 +326,12 @@ def run_ablation(
                 "seed": info["seed"],
                 "metrics": ev["metrics"],
                 "confusion_matrix": ev["confusion_matrix"],
-                "epochs": epochs,
+                "epochs": cfg.teacher.epochs if is_teacher and cfg.teacher is not None else epochs,
                 "best_epoch": st.get("best_epoch"),
                 "train_s": st.get("train_s"),
                 "wall_s": info.get("wall_s"),
                 "cpu_s": info.get("cpu_s"),
+                "weights": info.get("weights"),
             }
         )
     means = []
@@ -272,6 +346,9 @@ def run_ablation(
     return {
         "recipe": str(recipe),
         "teacher": str(teacher),
+        "task": cfg.task,
+        "class_names": list(class_names),
+        "support": support,
         "split": "val",
         "n_val": len(val_paths),
         "epochs": epochs,
@@ -310,7 +387,43 @@ def markdown(table: dict[str, Any]) -> str:
         for r in table["means"]:
             cells = [_fmt(r["metrics"].get(k)) for k in keys]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " | | |")
+    if table.get("task") == "multi-label":
+        lines += ["", *per_label_markdown(table)]
     return "\n".join(lines) + "\n"
+
+
+def per_label_markdown(table: dict[str, Any]) -> list[str]:
+    """Multi-label: each label's val AUC (95% CI) per run, then per method the mean over seeds [min – max],
+    with the number of val positives of each label."""
+    names = table.get("class_names") or []
+    support = table.get("support") or [None] * len(names)
+    runs = table["runs"]
+    lines = [
+        "Per-label ROC-AUC on val (bootstrap 95% CI); `pos` = val images with the label:",
+        "",
+        "| label | pos | " + " | ".join(r["name"] for r in runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+    for k, n in enumerate(names):
+        cells = [_fmt(r["metrics"].get(f"roc_auc:{n}")) for r in runs]
+        lines.append(f"| {n} | {support[k]} | " + " | ".join(cells) + " |")
+    macro = [_fmt(r["metrics"].get("roc_auc")) for r in runs]
+    lines.append("| **macro** | | " + " | ".join(f"**{c}**" for c in macro) + " |")
+    if table.get("means"):
+        means = table["means"]
+        lines += [
+            "",
+            f"Per-label ROC-AUC on val, mean over {len(table['seeds'])} seeds [min – max]:",
+            "",
+            "| label | pos | " + " | ".join(m["name"] for m in means) + " |",
+            "|---|---|" + "---|" * len(means),
+        ]
+        for k, n in enumerate(names):
+            cells = [_fmt(m["metrics"].get(f"roc_auc:{n}")) for m in means]
+            lines.append(f"| {n} | {support[k]} | " + " | ".join(cells) + " |")
+        macro = [_fmt(m["metrics"].get("roc_auc")) for m in means]
+        lines.append("| **macro** | | " + " | ".join(f"**{c}**" for c in macro) + " |")
+    return lines
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:

@@ -88,6 +88,12 @@ class DataConfig(_Strict):
     split_column: str = "split"
     label_separator: str = "|"
     negative_labels: list[str] = Field(default_factory=list)  # multi-label: labels meaning "no finding"
+    # multi-label: findings left out of the task (too few patients to learn or measure them); an image
+    # keeps its other labels, and counts as negative for every kept finding when it has none left.
+    drop_labels: list[str] = Field(default_factory=list)
+    # patient split: balance each label's positives (multi-label) / each class (single-label) between
+    # the splits while keeping whole patients together (iterative stratification over patients).
+    stratify_patients: bool = False
     ignore_dirs: list[str] = Field(default_factory=lambda: ["masks"])  # folder mode: not classes
     patient_pattern: str | None = None  # regex on the file name; group 1 = patient ID (folder datasets)
     extensions: list[str] = Field(
@@ -238,6 +244,10 @@ class TeacherConfig(_Strict):
     # keep the pretrained weights (and batch-norm statistics) up to and including this layer, e.g.
     # "blocks.10": fine-tuning trains only what follows (cheaper, and less to overfit on small sets)
     freeze: str | None = None
+    # batch-norm momentum of the trainable layers (PyTorch convention: weight of the new batch). None keeps
+    # the architecture's own (EfficientNet-Lite: TF's 0.01, tuned for long ImageNet runs; a fine-tune of a
+    # few dozen steps then evaluates with running statistics that are still mostly ImageNet's)
+    bn_momentum: float | None = Field(None, gt=0.0, le=1.0)
     optim: OptimOverride | None = None
 
     @field_validator("arch")
@@ -256,6 +266,7 @@ class StudentConfig(_Strict):
     weights: str = "none"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     freeze: str | None = None  # as for the teacher: pretrained layers kept as they are
+    bn_momentum: float | None = Field(None, gt=0.0, le=1.0)  # as for the teacher
 
     @field_validator("arch")
     @classmethod

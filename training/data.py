@@ -207,7 +207,7 @@ def _targets(
     skipped: list[str] = []
     multi = task == "multi-label"
 
-    negative = set(cfg.negative_labels)
+    negative = set(cfg.negative_labels) | set(cfg.drop_labels)
 
     def labels_of(text: str) -> list[str]:
         if not multi:
@@ -293,6 +293,63 @@ def patient_split(
         pid = next(p for p in (patients[i] for i in order) if groups[p][0] in out["train"])
         out["val"] += groups[pid]
         out["train"] = [s for s in out["train"] if s not in set(groups[pid])]
+    return out["train"], out["val"], out["test"]
+
+
+def stratified_patient_split(
+    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int, num_classes: int
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Whole patients per split, each label's positives shared out in proportion to the fractions.
+
+    Iterative stratification (Sechidis et al., ECML 2011) with patients as the units: repeatedly take the
+    label with the fewest positive images still unassigned, and give each of its patients (largest
+    first, ties in ``seed`` order) to the split that most lacks that label's positives (ties: the split
+    that most lacks images). Patients with no positive label then fill the splits by image count. A
+    patient with many images of a rare finding is still one unit, so a finding seen in few patients
+    cannot be balanced: drop it (``data.drop_labels``).
+    """
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.patient if s.patient is not None else f"__case__{s.rel}", []).append(s)
+    patients = sorted(groups)
+    rng = np.random.default_rng(seed)
+    rank = {patients[j]: i for i, j in enumerate(rng.permutation(len(patients)).tolist())}
+    counts = {}
+    for pid in patients:
+        c = np.zeros(num_classes, dtype=np.float64)
+        for s in groups[pid]:
+            for t in (s.target if isinstance(s.target, tuple) else (s.target,)):
+                c[t] += 1
+        counts[pid] = c
+    names = ("train", "val", "test")
+    frac = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
+    total_labels = sum(counts.values(), np.zeros(num_classes))
+    need_labels = frac[:, None] * total_labels[None, :]  # (3, K) positives still wanted per split
+    need_images = frac * len(samples)
+    out: dict[str, list[Sample]] = {n: [] for n in names}
+    left = set(patients)
+
+    def give(pid: str, j: int) -> None:
+        out[names[j]] += groups[pid]
+        need_labels[j] -= counts[pid]
+        need_images[j] -= len(groups[pid])
+        left.discard(pid)
+
+    while True:
+        remaining = sum((counts[p] for p in left), np.zeros(num_classes))
+        open_labels = [k for k in range(num_classes) if remaining[k] > 0]
+        if not open_labels:
+            break
+        k = min(open_labels, key=lambda k: (remaining[k], k))
+        for pid in sorted((p for p in left if counts[p][k] > 0), key=lambda p: (-counts[p][k], rank[p])):
+            usable = [j for j in range(3) if frac[j] > 0]
+            j = max(usable, key=lambda j: (need_labels[j, k], need_images[j], -j))
+            give(pid, j)
+    for pid in sorted(left, key=lambda p: rank[p]):
+        usable = [j for j in range(3) if frac[j] > 0]
+        give(pid, max(usable, key=lambda j: (need_images[j], -j)))
+    if val_fraction > 0 and not out["val"] and len(patients) >= 2:  # tiny sets: at least one patient
+        return patient_split(samples, val_fraction, test_fraction, seed)
     return out["train"], out["val"], out["test"]
 
 
@@ -399,6 +456,10 @@ def discover(cfg: DataConfig, task: str = "single-label", seed: int = 0) -> Data
                 train, val, _ = patient_split(train, cfg.val_fraction, 0.0, seed)
             else:
                 train, val, _ = random_split(train, cfg.val_fraction, 0.0, seed, task == "single-label")
+    elif policy == "patient" and cfg.stratify_patients:
+        train, val, test = stratified_patient_split(
+            samples, cfg.val_fraction, cfg.test_fraction, seed, len(class_names)
+        )
     elif policy == "patient":
         train, val, test = patient_split(samples, cfg.val_fraction, cfg.test_fraction, seed)
     else:

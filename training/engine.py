@@ -387,7 +387,8 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: 
         if cfg.teacher is not None:
             tc = cfg.teacher
             teacher = create_model(
-                tc.arch, k, c, tc.dropout, tc.weights, role="teacher", freeze=tc.freeze
+                tc.arch, k, c, tc.dropout, tc.weights, role="teacher", freeze=tc.freeze,
+                bn_momentum=tc.bn_momentum,
             ).to(device)
             teacher_file = ckpt_dir / TEACHER
             resumed_stage = resume_state.get("stage") if resume_state is not None else None
@@ -421,7 +422,8 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: 
         # ---- student ------------------------------------------------------------------------
         sc = cfg.student
         student = create_model(
-            sc.arch, k, c, sc.dropout, sc.weights, role="student", freeze=sc.freeze
+            sc.arch, k, c, sc.dropout, sc.weights, role="student", freeze=sc.freeze,
+            bn_momentum=sc.bn_momentum,
         ).to(device)
         combiner = build_combiner(cfg.kd, cfg.task, cfg.task_weight(), student, teacher, c, pre.input_size)
         combiner.to(device)

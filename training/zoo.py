@@ -280,10 +280,16 @@ def create_model(
     weights: str = "none",
     role: str = "teacher",
     freeze: str | None = None,
+    bn_momentum: float | None = None,
 ) -> nn.Module:
     """Build ``arch`` (``kd_spec`` attached), load ``weights`` (see the module docstring) and freeze
-    everything up to and including the module ``freeze`` (see `freeze_through`)."""
+    everything up to and including the module ``freeze`` (see `freeze_through`); ``bn_momentum`` sets
+    every batch-norm layer's momentum (frozen ones keep their statistics whatever it is)."""
     model = build_model(arch, num_classes, in_channels, dropout)
+    if bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = float(bn_momentum)
     resolved = resolve_weights(weights, arch, role)
     if resolved is not None:
         state, source = resolved

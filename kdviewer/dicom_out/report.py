@@ -306,7 +306,7 @@ def read_result(sr: Dataset) -> dict[str, Any]:
                 ref = item.ReferencedSOPSequence[0]
                 out.setdefault("source_sop_uids", []).append(str(ref.ReferencedSOPInstanceUID))
         if multi:
-            out[f"{prefix}label"] = ", ".join(labels) if labels else "none above 0.5"
+            out[f"{prefix}label"] = ", ".join(labels) if labels else "no finding above its threshold"
         else:
             out[f"{prefix}label"] = labels[0] if labels else ""
     uids = out.get("source_sop_uids") or []

@@ -307,6 +307,7 @@ class MainWindow(QMainWindow):
         self.slice_slider.valueChanged.connect(c.set_frame)
         self.study_list.case_activated.connect(self._on_case_activated)
         self.predictions.compare_toggled.connect(self.actions_by_id["compare"].setChecked)
+        self.predictions.finding_chosen.connect(self.show_saliency_for)
         self.actions_by_id["compare"].toggled.connect(self.predictions.compare_box.setChecked)
         self.saliency_panel.enabled.toggled.connect(self.actions_by_id["saliency"].setChecked)
         self.saliency_panel.changed.connect(self.request_saliency)
@@ -561,7 +562,7 @@ class MainWindow(QMainWindow):
         runtime = getattr(clf.student, "name", "")
         self.model_panel.set_bundle(clf.bundle, runtime)
         self.status_model.setText(f"Model: {clf.manifest.name} ({runtime})")
-        self.saliency_panel.set_classes(list(clf.class_names), clf.has_teacher)
+        self.saliency_panel.set_classes(list(clf.class_names), clf.has_teacher, clf.multi_label)
         self.predictions.compare_box.setEnabled(clf.has_teacher)
         self._remember_recent("recent/models", path)
         self.settings.setValue("model/last", path)
@@ -636,6 +637,16 @@ class MainWindow(QMainWindow):
     def _on_analysis_error(self, err: TaskError) -> None:
         self.predictions.set_error(err.message)
         self.show_message(f"Classification failed: {err.message}", "error", err.details)
+
+    def show_saliency_for(self, index: int) -> None:
+        """A finding's name was clicked in the predictions panel: its saliency map, overlay on."""
+        panel = self.saliency_panel
+        k = panel.target.findData(int(index))
+        if k < 0:
+            return
+        panel.target.setCurrentIndex(k)  # emits `changed` -> request_saliency when the overlay is on
+        if not panel.is_on():
+            panel.enabled.setChecked(True)
 
     def request_saliency(self) -> None:
         panel = self.saliency_panel

@@ -3,6 +3,11 @@
 Reads `kdviewer.inference.predict.Prediction` / `Comparison` objects (attributes only) and paints them;
 it computes nothing itself.
 
+Multi-label bundles: every finding has its own bar with its decision threshold drawn on it (a white tick;
+the thresholds come from the bundle, chosen on val); the findings at or above their thresholds are
+highlighted and listed in the headline. Clicking a finding's name asks for its saliency map
+(`finding_chosen`).
+
 Trust rules: a study refused by the modality gate (``Prediction.refused``) shows the reason and no class
 or bars at all. When the OOD guard fires, the headline says there is no reliable answer and the
 probabilities are collapsed behind a "show the model's output anyway" toggle (one click away), never a
@@ -41,14 +46,16 @@ class ProbabilityBar(QWidget):
         self.value: float | None = None
         self.color = color
         self.highlight = False
+        self.threshold: float | None = None  # multi-label: the finding's decision threshold (a tick)
         self.setMinimumHeight(18)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
 
     def sizeHint(self) -> QSize:
         return QSize(120, 18)
 
-    def set_value(self, value: float | None, highlight: bool = False) -> None:
-        self.value, self.highlight = value, highlight
+    def set_value(self, value: float | None, highlight: bool = False, threshold: float | None = None) -> None:
+        self.value, self.highlight, self.threshold = value, highlight, threshold
+        self.setToolTip("" if threshold is None else f"threshold {threshold * 100:.1f}% (chosen on val)")
         self.update()
 
     def paintEvent(self, _e: QPaintEvent) -> None:
@@ -61,6 +68,9 @@ class ProbabilityBar(QWidget):
             if not self.highlight:
                 c.setAlpha(150)
             p.fillRect(QRectF(r.x(), r.y(), r.width() * v, r.height()), c)
+            if self.threshold is not None:
+                x = r.x() + r.width() * max(0.0, min(1.0, float(self.threshold)))
+                p.fillRect(QRectF(x - 1.0, r.y() - 2.0, 2.0, r.height() + 4.0), QColor(255, 255, 255))
             p.setPen(QPen(QColor(245, 247, 250)))
             f = QFont(self.font())
             f.setBold(self.highlight)
@@ -108,8 +118,20 @@ class SliceStrip(QWidget):
         p.end()
 
 
+class FindingLabel(QLabel):
+    """A class / finding name in the grid; a click asks for that finding's saliency map."""
+
+    clicked = Signal()
+
+    def mousePressEvent(self, event: Any) -> None:
+        if event.button() == Qt.MouseButton.LeftButton:
+            self.clicked.emit()
+        super().mousePressEvent(event)
+
+
 class PredictionsPanel(QGroupBox):
     compare_toggled = Signal(bool)
+    finding_chosen = Signal(int)  # index of a class / finding whose name was clicked
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Prediction", parent)
@@ -202,7 +224,10 @@ class PredictionsPanel(QGroupBox):
             self.grid.addWidget(self.col_student, 0, 1)
             self.grid.addWidget(self.col_teacher, 0, 2)
             for i, n in enumerate(names, start=1):
-                lab = QLabel(n)
+                lab = FindingLabel(n)
+                lab.setCursor(Qt.CursorShape.PointingHandCursor)
+                lab.setToolTip(f"Show where the model looks for {n}")
+                lab.clicked.connect(lambda k=i - 1: self.finding_chosen.emit(k))
                 sb, tb = ProbabilityBar(STUDENT_COLOR), ProbabilityBar(TEACHER_COLOR)
                 self.grid.addWidget(lab, i, 0)
                 self.grid.addWidget(sb, i, 1)
@@ -288,19 +313,30 @@ class PredictionsPanel(QGroupBox):
         names = list(student.class_names)
         self._set_classes(names, teacher is not None)
         probs = [float(v) for v in student.probabilities]
+        multi = student.task == "multi-label"
+        thresholds = list(student.thresholds or [0.5] * len(names)) if multi else [None] * len(names)
+
+        def chosen(pred: Any, i: int) -> bool:
+            return names[i] in pred.positives if multi else i == pred.label_index
+
         for i, (lab, sb, tb) in enumerate(self.rows):
-            sb.set_value(probs[i], highlight=(i == student.label_index))
+            sb.set_value(probs[i], highlight=chosen(student, i), threshold=thresholds[i])
             if teacher is not None:
-                tb.set_value(float(teacher.probabilities[i]), highlight=(i == teacher.label_index))
+                tb.set_value(float(teacher.probabilities[i]), highlight=chosen(teacher, i),
+                             threshold=thresholds[i])
             else:
                 tb.set_value(None)
-            lab.setProperty("winner", i == student.label_index)
+            lab.setProperty("winner", chosen(student, i))
             self._repolish(lab)
         series = student.per_slice is not None and len(student.frames) > 1
         scope = f" (series of {len(student.frames)})" if series else ""
         if student.ood_flag:
             self.headline.setText(f"No reliable answer{scope}")
             self.headline.setProperty("state", "unreliable")
+        elif multi:
+            found = ", ".join(student.positives) if student.positives else "no finding above its threshold"
+            self.headline.setText(f"Student: {found}{scope}")
+            self.headline.setProperty("state", "result")
         else:
             self.headline.setText(f"Student: {student.label}  {student.probability * 100:.0f}%{scope}")
             self.headline.setProperty("state", "result")
@@ -310,7 +346,13 @@ class PredictionsPanel(QGroupBox):
             if student.calibrated
             else "uncalibrated probabilities"
         )
-        self.subline.setText(f"{cal} · {student.runtime}")
+        if multi:
+            self.subline.setText(
+                f"{len(student.positives)} of {len(names)} findings at or above their own thresholds "
+                f"(white tick on each bar, chosen on val) · {cal} · {student.runtime}"
+            )
+        else:
+            self.subline.setText(f"{cal} · {student.runtime}")
 
         if teacher is not None:
             agree = not comparison.disagree
@@ -325,8 +367,15 @@ class PredictionsPanel(QGroupBox):
             if agree:
                 self.disagree_box.hide()
             else:
-                if not comparison.agreement:
+                if not comparison.agreement and multi:
+                    what = f"student finds {student.label}, teacher finds {teacher.label}"
+                elif not comparison.agreement:
                     what = f"student says {student.label}, teacher says {teacher.label}"
+                elif multi:
+                    what = (
+                        f"same findings but a finding's probability differs by {comparison.divergence:.2f} "
+                        f"> {comparison.threshold:.2f}"
+                    )
                 else:
                     what = (
                         f"same label ({student.label}) but the probabilities differ by "

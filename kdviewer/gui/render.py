@@ -27,6 +27,7 @@ def render_case(
     timeout_s: float = 300.0,
     size: tuple[int, int] = RENDER_SIZE,
     answer: dict[str, str] | None = None,
+    finding: str | None = None,
 ) -> Path:
     """Render ``case`` with ``bundle`` (default: the demo bundle) to ``out`` (PNG); returns the path.
 
@@ -36,6 +37,9 @@ def render_case(
     ``answer``, when given, is filled with what the picture says in words: ``headline`` (the
     predictions panel's headline: the label, "No reliable answer" or "No answer for this image"),
     ``detail`` (the refusal reason / OOD warning / calibration line) and ``refused`` / ``ood_flag``.
+
+    ``finding``: the class / finding the saliency map explains (default: the answer; multi-label: the
+    finding furthest above its threshold).
     """
     from kdviewer.gui.app import ensure_app, initial_bundle
     from kdviewer.gui.main_window import MainWindow
@@ -70,6 +74,9 @@ def render_case(
                 raise KDViewerError(f"loading the model took longer than {timeout_s:.0f} s")
             if win.classifier is None:
                 raise BundleError(win.last_error or f"could not load the model bundle {model}")
+            if finding is not None and not win.saliency_panel.select_target(finding):
+                raise KDViewerError(f"unknown finding {finding!r}; this model's classes: "
+                                    + ", ".join(win.classifier.class_names))
             win.open_path(case)
             if not win.wait_idle(timeout_s):
                 raise KDViewerError(f"rendering {case} took longer than {timeout_s:.0f} s")

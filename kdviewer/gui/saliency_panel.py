@@ -34,6 +34,10 @@ def available_methods() -> list[str]:
     return list(METHODS.keys() if isinstance(METHODS, dict) else METHODS)
 
 
+PREDICTED = "Predicted class"
+TOP_FINDING = "Top finding (furthest above its threshold)"
+
+
 class SaliencyPanel(QGroupBox):
     changed = Signal()  # anything that needs new maps (toggle, method, target, mode)
     style_changed = Signal()  # opacity / colour map only: repaint, no recomputation
@@ -49,8 +53,9 @@ class SaliencyPanel(QGroupBox):
         self.method.addItems(available_methods())
         form.addRow("Method", self.method)
         self.target = QComboBox()
-        self.target.addItem("Predicted class", None)
-        form.addRow("Class", self.target)
+        self.target.addItem(PREDICTED, None)
+        self.target_label = QLabel("Class")
+        form.addRow(self.target_label, self.target)
         self.opacity = QSlider(Qt.Orientation.Horizontal)
         self.opacity.setRange(0, 100)
         self.opacity.setValue(45)
@@ -100,11 +105,16 @@ class SaliencyPanel(QGroupBox):
 
     # -- state -------------------------------------------------------------------------------------
 
-    def set_classes(self, names: list[str], teacher_available: bool) -> None:
+    def set_classes(self, names: list[str], teacher_available: bool, multi_label: bool = False) -> None:
+        """The classes a map can explain. Multi-label: one entry per finding, and the default is the
+        finding furthest above its own threshold (the answer's top finding)."""
         current = self.target.currentData()
         self.target.blockSignals(True)
         self.target.clear()
-        self.target.addItem("Predicted class", None)
+        self.target.addItem(TOP_FINDING if multi_label else PREDICTED, None)
+        self.target_label.setText("Finding" if multi_label else "Class")
+        self.target.setToolTip("Grad-CAM target: the map shows what raises this finding's score"
+                               if multi_label else "Grad-CAM target class")
         for i, n in enumerate(names):
             self.target.addItem(n, i)
         idx = self.target.findData(current) if current is not None else 0
@@ -124,6 +134,14 @@ class SaliencyPanel(QGroupBox):
 
     def target_class(self) -> int | None:
         return self.target.currentData()
+
+    def select_target(self, name: str | None) -> bool:
+        """Explain ``name`` (a class / finding; None = the answer); False when the model has no such class."""
+        idx = 0 if name is None else self.target.findText(name)
+        if idx < 0 or (name is not None and self.target.itemData(idx) is None):
+            return False
+        self.target.setCurrentIndex(idx)
+        return True
 
     def mode(self) -> str:
         for key, b in self.mode_buttons.items():

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 Frames = None | Literal["all", "middle"] | list[int]
 #: Largest chunk of slices sent to a runtime at once (bounded memory for long CT series).
 CHUNK = 32
+#: The label of a multi-label answer with no finding at or above its threshold.
+NO_FINDING_LABEL = "no finding above its threshold"
 #: "auto" deploys INT8 when the exporter recommended it (``int8_parity["recommended"] == 1``), or, for
 #: bundles without that flag, when its recorded top-1 agreement with fp32 is at least this.
 INT8_MIN_AGREEMENT = 0.98
@@ -114,7 +116,9 @@ class Prediction:
     aggregate: str | None = None  # how a series aggregate was computed ("max-positive", "mean", ...)
     per_slice: list[dict[str, Any]] | None = None  # [{"index", "probabilities", "label", "ood_score"}]
     logits: np.ndarray | None = None  # (n_frames, K)
-    positives: list[str] = field(default_factory=list)  # multi-label: labels with p >= 0.5
+    positives: list[str] = field(default_factory=list)  # multi-label: labels with p >= their threshold
+    #: multi-label: each label's decision threshold (the manifest's, chosen on val; 0.5 when it has none)
+    thresholds: list[float] | None = None
     #: None when the model answered; the reason when the modality gate refused the study (no class then)
     refused: str | None = None
 
@@ -144,6 +148,9 @@ class Prediction:
                 n: float(p) for n, p in zip(self.class_names, self.probabilities, strict=True)
             },
             "positives": list(self.positives),
+            "thresholds": None if self.thresholds is None else {
+                n: float(t) for n, t in zip(self.class_names, self.thresholds, strict=True)
+            },
             "calibrated": self.calibrated,
             "temperature": self.temperature,
             "ood_score": None if self.ood_score is None else float(self.ood_score),
@@ -239,6 +246,7 @@ class Classifier:
         self.pre = self.manifest.preprocessing
         self.class_names = list(self.manifest.class_names)
         self.multi_label = self.manifest.task == "multi-label"
+        self.thresholds = np.array([self.manifest.threshold_of(n) for n in self.class_names], np.float32)
         self.temperature = float(self.manifest.calibration.temperature)
         self.calibrated = self.temperature != 1.0 or self.manifest.calibration.ece_after is not None
         self.threads = cap_to_cores(max(1, int(threads)), "inference threads (--threads)")
@@ -340,11 +348,17 @@ class Classifier:
         return self.ood.score(feats)
 
     def _label(self, probs: np.ndarray) -> tuple[str, int, list[str]]:
-        k = int(np.argmax(probs))
+        """Single-label: the arg-max. Multi-label: every label at or above its own threshold (listed
+        from the most probable), and as ``label_index`` the label furthest above (or least below) its
+        threshold: the finding a saliency map is drawn for by default."""
         if not self.multi_label:
+            k = int(np.argmax(probs))
             return self.class_names[k], k, []
-        pos = [n for n, p in zip(self.class_names, probs, strict=True) if p >= 0.5]
-        return (", ".join(pos) if pos else "none above 0.5"), k, pos
+        margin = np.asarray(probs, np.float32) - self.thresholds
+        k = int(np.argmax(margin))
+        order = np.argsort(-np.asarray(probs, np.float64), kind="stable")
+        pos = [self.class_names[i] for i in order if margin[i] >= 0]
+        return (", ".join(pos) if pos else NO_FINDING_LABEL), k, pos
 
     def _positive_index(self) -> int:
         if self.manifest.positive_class is not None:
@@ -415,6 +429,7 @@ class Classifier:
             per_slice=slices,
             logits=logits,
             positives=pos,
+            thresholds=[float(t) for t in self.thresholds] if self.multi_label else None,
         )
 
     # -- modality gate ----------------------------------------------------------------------------

@@ -97,12 +97,18 @@ def answer_frame(study: Study, prediction: Any) -> int:
     return study.middle_index()
 
 
-def explain(classifier: Any, study: Study, prediction: Any, method: str = "gradcam") -> SaliencyMap | None:
+def explain(
+    classifier: Any, study: Study, prediction: Any, method: str = "gradcam", target: int | str | None = None
+) -> SaliencyMap | None:
     """The saliency map of a prediction's class on `answer_frame` (None when the modality gate refused
-    the study: the model never saw it). Used for heatmap files and the DICOM Secondary Capture."""
+    the study: the model never saw it). Used for heatmap files and the DICOM Secondary Capture.
+
+    ``target``: the class / finding (index or name) to explain instead of the prediction's own
+    (``label_index``: for a multi-label answer the finding furthest above its threshold)."""
     if getattr(prediction, "refused", None) is not None or int(getattr(prediction, "label_index", -1)) < 0:
         return None
-    return saliency(classifier, study, method, target_class=int(prediction.label_index),
+    k = int(prediction.label_index) if target is None else target
+    return saliency(classifier, study, method, target_class=k,
                     role=getattr(prediction, "role", "student"), frame=answer_frame(study, prediction))
 
 
@@ -214,7 +220,8 @@ def saliency(
         classifier_or_model: a `Classifier` (preprocessing, target layer and torch models come from its
             bundle) or a torch model built by `build_model` (then pass ``preprocessing``).
         method: one of `METHODS`.
-        target_class: index or class name; None = the model's top class for this frame.
+        target_class: index or class name; None = the model's top class for this frame (multi-label:
+            the finding furthest above its own threshold, as `Prediction.label_index`).
         role: "student" or "teacher" (only with a `Classifier`).
         frame: frame index; None = the middle frame.
         target: "margin" or "logit" (see the module docstring); "auto" = margin for single-label
@@ -235,6 +242,7 @@ def saliency(
         names = list(clf.class_names)
         multi_label = bool(getattr(clf, "multi_label", False))
     else:
+        clf = None
         model = classifier_or_model
         if preprocessing is None:
             raise ValueError("saliency() on a bare model needs preprocessing=<Preprocessing>")
@@ -260,7 +268,10 @@ def saliency(
     layer = get_module(model, layer_name)
     with torch.no_grad():
         logits = model(x)
-    if target_class is None:
+    if target_class is None and multi_label and hasattr(clf, "probabilities"):
+        probs = clf.probabilities(logits[0].detach().cpu().numpy()[None])[0]
+        target_class = int(np.argmax(probs - np.asarray(clf.thresholds, np.float32)))
+    elif target_class is None:
         target_class = int(torch.argmax(logits[0]))
     k = int(target_class)
     if not 0 <= k < logits.shape[1]:

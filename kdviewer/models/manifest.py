@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: per-label decision thresholds (multi-label)
 SUPPORTED_MAJOR = 1
 
 #: Model input sizes a bundle may ask for (a 60000-pixel input would allocate 13 GiB per image).
@@ -190,6 +190,10 @@ class Manifest(BaseModel):
     teacher: ModelSpec | None = None
     calibration: Calibration = Field(default_factory=Calibration)
     disagreement_threshold: float = 0.25  # total-variation distance above which we flag
+    # multi-label: the probability at or above which each label is called present (chosen on val by the
+    # exporter, with how in ``threshold_rule``); a label not listed uses 0.5. Single-label bundles: empty.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    threshold_rule: str | None = None
     ood: OodSpec | None = None
     metrics: dict[str, MetricWithCI] = Field(default_factory=dict)
     metrics_split: str | None = None  # which held-out split the metrics were measured on
@@ -227,6 +231,14 @@ class Manifest(BaseModel):
         _finite(self.disagreement_threshold, "disagreement_threshold")
         if not 0.0 <= self.disagreement_threshold <= 1.0:
             raise ValueError("disagreement_threshold must be between 0 and 1 (a total-variation distance)")
+        for label, t in self.thresholds.items():
+            if label not in self.class_names:
+                raise ValueError(f"thresholds: {label!r} is not one of class_names")
+            _finite(t, f"thresholds.{label}")
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"thresholds.{label} = {t:g}: a probability threshold must be in (0, 1)")
+        if self.thresholds and self.task != "multi-label":
+            raise ValueError("per-label thresholds are for multi-label bundles (single-label: the arg-max)")
         for k, v in self.int8_parity.items():
             _finite(v, f"int8_parity.{k}")
         if len(self.class_names) < 2 and self.task == "single-label":
@@ -238,3 +250,7 @@ class Manifest(BaseModel):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def threshold_of(self, label: str) -> float:
+        """The decision threshold of a multi-label ``label`` (0.5 unless the bundle chose one)."""
+        return float(self.thresholds.get(label, 0.5))
