@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from kdviewer.imaging._arrays import percentiles
 from kdviewer.imaging.study import Study, VoiLut, Window
 
 #: Smallest window width accepted anywhere (avoids division by zero on flat images).
@@ -69,7 +70,7 @@ def auto_window(frame: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5)
     sample = _finite_sample(frame)
     if sample.size == 0:
         return Window(0.5, 1.0, "auto")
-    lo, hi = (float(v) for v in np.percentile(sample, [low_pct, high_pct]))
+    lo, hi = percentiles(sample, (low_pct, high_pct))
     if hi - lo <= MIN_WIDTH:
         lo, hi = float(sample.min()), float(sample.max())
     if hi - lo <= MIN_WIDTH:
