@@ -62,6 +62,8 @@ def _finite_sample(frame: np.ndarray) -> np.ndarray:
         step = max(1, math.isqrt(max(arr.size // _AUTO_SAMPLE, 1)))
         arr = arr[..., ::step, ::step]
     flat = arr.ravel().astype(np.float32, copy=False)
+    if flat.size and np.isfinite(flat.min()) and np.isfinite(flat.max()):
+        return flat  # no NaN / inf (min/max would show them): no mask, no copy
     return flat[np.isfinite(flat)]
 
 
