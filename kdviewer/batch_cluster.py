@@ -96,8 +96,10 @@ def open_client(spec: ClusterSpec, timeout: float = CONNECT_TIMEOUT_S) -> Iterat
     cluster = None
     try:
         if spec.kind == "local":
+            # two task slots per worker process: one unit decodes while another is in ORT, as the
+            # built-in pool overlaps its decoders with inference (ORT uses one thread per task here)
             cluster = distributed.LocalCluster(
-                n_workers=spec.n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                n_workers=spec.n_workers, threads_per_worker=2, processes=True, dashboard_address=":0",
                 silence_logs=logging.ERROR,
             )
             client = distributed.Client(cluster, timeout=timeout)
@@ -219,8 +221,9 @@ def cluster_results(
     """Classify ``cases`` on the cluster; yields worker items (see `classify_unit`) as units complete.
 
     A unit can arrive twice when its worker died after finishing it: the caller dedupes by case.
-    Workers of a local cluster use one inference thread each (one process per core); those of a remote
-    cluster ``threads``.
+    A local cluster has N processes with two task slots each and one ORT thread per task (decode of
+    one unit overlaps inference of another); the tasks of a remote cluster's workers use ``threads``
+    ORT threads each (start them with ``--nthreads 1`` or 2 per core).
     """
     spec = parse_cluster(cluster)
     units = make_units(cases, batch_size)
@@ -230,8 +233,9 @@ def cluster_results(
     worker_threads = 1 if spec.kind == "local" else threads
     heat = str(heat_dir) if heat_dir is not None else None
     with open_client(spec, timeout) as client:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        window = 2 * n_workers + 1  # every worker busy, one more unit queued for each
+        workers = client.scheduler_info().get("workers", {})
+        slots = max(1, sum(int(w.get("nthreads", 1) or 1) for w in workers.values()))
+        window = 2 * slots + 1  # every task slot busy, one more unit queued for each
         queue = list(reversed(units))
         pending = distributed.as_completed()
         unit_of: dict[Any, list[Case]] = {}
