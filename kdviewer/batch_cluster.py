@@ -100,7 +100,7 @@ def open_client(spec: ClusterSpec, timeout: float = CONNECT_TIMEOUT_S) -> Iterat
             # built-in pool overlaps its decoders with inference (ORT uses one thread per task here)
             cluster = distributed.LocalCluster(
                 n_workers=spec.n_workers, threads_per_worker=2, processes=True, dashboard_address=":0",
-                silence_logs=logging.ERROR,
+                silence_logs=logging.CRITICAL,  # shutdown heartbeats; our own errors are raised
             )
             client = distributed.Client(cluster, timeout=timeout)
         else:
