@@ -539,6 +539,7 @@ def run_batch(
     on_result: Callable[[Any, Case, Any, Any], None] | None = None,
     deidentify: bool = False,
     heatmap_target: str | None = None,
+    cluster: str | None = None,
 ) -> BatchSummary:
     """Classify every case under ``folder``; see the module docstring. Raises only for run failures
     (`BatchError`, `BundleError`); unreadable files become rows with an ``error``.
@@ -559,6 +560,11 @@ def run_batch(
 
     ``heatmap_target``: the class / finding every heatmap explains (default: each case's own answer; for
     a multi-label model the finding furthest above its threshold).
+
+    ``cluster`` (``"local"``, ``"local:N"`` or a scheduler address ``tcp://HOST:8786``): decode and
+    infer on Dask workers instead of the local pool (`kdviewer.batch_cluster`; Dask is imported only
+    then). Rows, resume and progress are the same; ``workers`` is not used and ``on_result`` is not
+    supported (the predictions stay on the workers).
     """
     from kdviewer.inference.predict import Classifier, cap_to_cores
 
@@ -570,6 +576,13 @@ def run_batch(
     jsonl = json_path if json_path is not None and json_path.suffix.lower() == ".jsonl" else None
     if json_path is not None:
         check_json_is_ours(json_path)
+    if cluster is not None and on_result is not None:
+        raise BatchError("writing DICOM results (--dicom-out) is not supported with --cluster; run it "
+                         "without --cluster")
+    if cluster is not None:
+        from kdviewer.batch_cluster import parse_cluster
+
+        parse_cluster(cluster)  # a malformed address fails before anything is read or written
     clf = Classifier(bundle, use_int8=use_int8, threads=threads, load_teacher=teacher)  # type: ignore[arg-type]
     names = clf.class_names
     if heatmap_target is not None and heatmap_target not in names:
@@ -658,33 +671,13 @@ def run_batch(
     def flush(buffer: list[dict[str, Any]]) -> None:
         if not buffer:
             return
-        arrays = [b["array"] for b in buffer]
-        t0 = time.perf_counter()
-        try:
-            if teacher:
-                comps = clf.compare_batch(arrays)
-                preds = [c.student for c in comps]
-            else:
-                comps = None
-                preds = clf.predict_batch(arrays)
-        except KDViewerError as exc:  # e.g. an input the model cannot take: rows, not a crash
-            for b in buffer:
-                emit_dropped(b)
-                emit(_row(by_path[b["path"]], b, None, None, names, error=_one_line(exc)))
-            buffer.clear()
-            return
-        n_img = sum(len(a) for a in arrays)
-        per_img = (time.perf_counter() - t0) * 1e3 / max(1, n_img)
-        for i, b in enumerate(buffer):
-            comp = comps[i] if comps is not None else None
-            row = _row(by_path[b["path"]], b, preds[i], comp, names, infer_ms=per_img * len(arrays[i]))
-            if heat_dir is not None:
-                row["heatmap"] = _write_heatmap(clf, by_path[b["path"]], heat_dir, preds[i],
-                                                anonymous=deidentify, target=heatmap_target)
-            result_hook(by_path[b["path"]], preds[i], comp)
-            emit_dropped(b)
+        for case, res, row, pred, comp in infer_rows(clf, [(by_path[b["path"]], b) for b in buffer], teacher,
+                                                     heat_dir, deidentify, heatmap_target):
+            if pred is not None:
+                result_hook(case, pred, comp)
+            emit_dropped(res)
             emit(row)
-        stats["images"] += n_img
+        stats["images"] += sum(len(b["array"]) for b in buffer)
         buffer.clear()
 
     buffer: list[dict[str, Any]] = []
@@ -695,7 +688,24 @@ def run_batch(
             emit(_row(c, {"t_decode_ms": 0.0}, None, None, names, error=c.error))
         pending_cases = [c for c in todo if c.case_type != "error"]
         results: Iterator[dict[str, Any]]
-        if workers <= 0 or len(pending_cases) <= 1:
+        if cluster is not None:
+            from kdviewer.batch_cluster import cluster_results
+
+            bundle_ref = str(clf.bundle.source)
+            for item in cluster_results(cluster, pending_cases, bundle_ref, teacher=teacher,
+                                        use_int8=use_int8, threads=threads, batch_size=batch_size,
+                                        heat_dir=heat_dir, anonymous=deidentify,
+                                        heatmap_target=heatmap_target, cancel=cancel):
+                key = _norm(shown.path(item["path"]))
+                if key in done:  # a batch delivered twice (rescheduled after its worker died): once only
+                    continue
+                done.add(key)
+                emit_dropped(item)
+                emit(item["row"])
+                stats["images"] += item["n_images"]
+            cancelled = cancel is not None and cancel.is_set()
+            results = iter(())
+        elif workers <= 0 or len(pending_cases) <= 1:
             results = _decode_inline(pending_cases, pre_json)
         else:
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -706,15 +716,13 @@ def run_batch(
             if cancel is not None and cancel.is_set():
                 cancelled = True
                 break
-            if res["error"]:
-                emit(_row(by_path[res["path"]], res, None, None, names, error=res["error"]))
-                continue
-            reason = clf.refusal(res.get("modality"))
-            if reason is not None:  # the modality gate: no class, the model is not run
-                refused = clf.refused_prediction(reason)
-                result_hook(by_path[res["path"]], refused, None)
-                emit_dropped(res)
-                emit(_row(by_path[res["path"]], res, refused, None, names))
+            early = row_before_model(clf, by_path[res["path"]], res)
+            if early is not None:  # unreadable, or refused by the modality gate: the model is not run
+                row, refused = early
+                if refused is not None:
+                    result_hook(by_path[res["path"]], refused, None)
+                    emit_dropped(res)
+                emit(row)
                 continue
             buffer.append(res)
             if sum(len(b["array"]) for b in buffer) >= batch_size:
@@ -752,6 +760,57 @@ def run_batch(
         label_counts=labels,
         shift=shift,
     )
+
+
+def row_before_model(clf: Any, case: Case, res: dict[str, Any]) -> tuple[dict[str, Any], Any] | None:
+    """The row of a decoded case that never reaches the model: (row, refused prediction or None) for
+    a decoding error or a modality the bundle does not read; None when the case goes to the model.
+    Shared by the local pool and the Dask workers (`kdviewer.batch_cluster`), so both write the same rows."""
+    if res["error"]:
+        return _row(case, res, None, None, clf.class_names, error=res["error"]), None
+    reason = clf.refusal(res.get("modality"))
+    if reason is None:
+        return None
+    refused = clf.refused_prediction(reason)
+    return _row(case, res, refused, None, clf.class_names), refused
+
+
+def infer_rows(
+    clf: Any,
+    items: list[tuple[Case, dict[str, Any]]],
+    teacher: bool,
+    heat_dir: Path | None = None,
+    anonymous: bool = False,
+    heatmap_target: str | None = None,
+) -> list[tuple[Case, dict[str, Any], dict[str, Any], Any, Any]]:
+    """Run the model on one batch of decoded cases: (case, decoded, row, prediction, comparison) each,
+    in order. A model failure becomes error rows (prediction None), never an exception. Shared by the
+    local pool and the Dask workers."""
+    if not items:
+        return []
+    names = clf.class_names
+    arrays = [res["array"] for _, res in items]
+    t0 = time.perf_counter()
+    try:
+        if teacher:
+            comps = clf.compare_batch(arrays)
+            preds = [c.student for c in comps]
+        else:
+            comps = None
+            preds = clf.predict_batch(arrays)
+    except KDViewerError as exc:  # e.g. an input the model cannot take: rows, not a crash
+        return [(case, res, _row(case, res, None, None, names, error=_one_line(exc)), None, None)
+                for case, res in items]
+    per_img = (time.perf_counter() - t0) * 1e3 / max(1, sum(len(a) for a in arrays))
+    out = []
+    for i, (case, res) in enumerate(items):
+        comp = comps[i] if comps is not None else None
+        row = _row(case, res, preds[i], comp, names, infer_ms=per_img * len(arrays[i]))
+        if heat_dir is not None:
+            row["heatmap"] = _write_heatmap(clf, case, heat_dir, preds[i], anonymous=anonymous,
+                                            target=heatmap_target)
+        out.append((case, res, row, preds[i], comp))
+    return out
 
 
 def _decode_pooled(

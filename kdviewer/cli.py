@@ -139,6 +139,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             on_result=exporter,
             deidentify=args.deidentify,
             heatmap_target=args.finding,
+            cluster=args.cluster,
         )
     finally:
         if bar is not None:
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoder processes (0 = decode in-process)")
     p.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", metavar="local[:N]|tcp://HOST:8786",
+                   help="decode and infer on Dask workers: a local cluster of N processes, or a running "
+                        "scheduler whose workers see the same files (pip install 'kdviewer[cluster]')")
     p.add_argument("--dicom-out", metavar="DIR",
                    help="also write a DICOM Structured Report + Secondary Capture per case into DIR")
     _add_send(p)
@@ -528,6 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "classify" and (args.workers < 0 or args.batch_size < 1):
         print("kdviewer: error: --workers must be >= 0 and --batch-size >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "classify" and args.cluster and args.dicom_out:
+        print("kdviewer: error: --dicom-out cannot be combined with --cluster (yet); run it without "
+              "--cluster", file=sys.stderr)
         return EXIT_USAGE
     if getattr(args, "send", None):
         from kdviewer.dicom_out.send import parse_address

@@ -287,3 +287,21 @@ def test_default_output_is_outside_the_folder_and_own_outputs_are_never_cases(tm
     text = "\n".join(summary_lines(s2))
     assert "could not be read" not in text and "5 file(s) skipped, not images" in text
     assert {Path(r["path"]).name for r in _rows(out)} == {"case0.png", "case1.png"}
+
+
+def test_batch_and_predict_give_the_same_answer(mixed: Path, tmp_path: Path) -> None:
+    """The viewer / ``predict`` (load -> Classifier.predict on the Study) and the batch (worker decode +
+    batched ORT) see the same model input for the same file, so they print the same probabilities."""
+    from kdviewer.imaging import load
+    from kdviewer.inference.predict import Classifier
+
+    out = tmp_path / "res.csv"
+    run_batch(mixed, cxr_bundle().path, out, workers=2, batch_size=4)
+    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    clf = Classifier(cxr_bundle().path)
+    for name in ("case0.png", "case1.png", "photo.jpg", "cr1.dcm"):
+        path = next(mixed.rglob(name))
+        pred = clf.predict(load(path))
+        for c, p in zip(clf.class_names, pred.probabilities, strict=True):
+            assert abs(float(rows[name][f"prob_{c}"]) - float(p)) < 1e-5, (name, c)
+        assert rows[name]["label"] == pred.label

@@ -211,3 +211,31 @@ def test_is_supported_file_and_sniff(tmp_path: Path) -> None:
     assert all(is_supported_file(tmp_path / n) for n in ("a.png", "b.jpg", "c.tif"))
     assert not is_supported_file(tmp_path)
     assert ".dcm" in SUPPORTED_SUFFIXES and ".png" in SUPPORTED_SUFFIXES
+
+
+@pytest.mark.parametrize("text_chunk", [False, True])
+def test_png_fast_decoder_gives_pillows_samples(tmp_path: Path, text_chunk: bool) -> None:
+    """8-bit grey PNGs go through libspng (pyspng) when installed: the same samples as Pillow's,
+    and a PNG with text chunks (which may hold an EXIF/XMP orientation) still goes through Pillow."""
+    from PIL import PngImagePlugin
+
+    from kdviewer.imaging import raster
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    info = PngImagePlugin.PngInfo()
+    if text_chunk:
+        info.add_text("Comment", "hello")
+    p = tmp_path / "g.png"
+    Image.fromarray(arr).save(p, pnginfo=info)
+    study = load(p)
+    assert study.frames.shape == (1, 37, 53)
+    np.testing.assert_array_equal(study.frames[0], arr.astype(np.float32))
+    with Image.open(p) as im:
+        fast = raster._spng_gray8(p, im)
+    pytest.importorskip("pyspng")
+    if text_chunk:
+        assert fast is None
+    else:
+        assert fast is not None
+        np.testing.assert_array_equal(fast, arr.astype(np.float32))

@@ -106,3 +106,30 @@ def test_imaging_room_imports_no_torch_or_qt() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_histogram_percentiles_are_numpys_bit_for_bit() -> None:
+    """The fast (histogram) path of `percentiles` must give exactly np.percentile's numbers: the model
+    input of every bundle depends on them (minmax intensity)."""
+    from kdviewer.imaging._arrays import percentiles
+
+    rng = np.random.default_rng(0)
+    for i in range(600):
+        n = int(rng.integers(1, 5000))
+        kind = i % 6
+        if kind == 0:
+            a = rng.integers(0, 256, n).astype(np.float32)
+        elif kind == 1:
+            a = rng.integers(-1024, 3072, n).astype(np.float32)  # HU
+        elif kind == 2:
+            a = rng.integers(0, 65536, n).astype(np.uint16)
+        elif kind == 3:
+            a = rng.normal(0, 3, n).round().astype(np.float32)
+        elif kind == 4:
+            a = rng.integers(0, 3, n).astype(np.uint8)  # many ties
+        else:
+            a = rng.normal(0, 1, n).astype(np.float32)  # not integers: numpy's own path
+        qs = (0.5, 99.5) if i % 2 else tuple(float(q) for q in rng.uniform(0, 100, 3))
+        assert percentiles(a, qs) == tuple(float(v) for v in np.percentile(a, list(qs))), (kind, n, qs)
+    with_nan = np.array([1.0, np.nan, 3.0], np.float32)
+    assert np.isnan(percentiles(with_nan, (50,))[0])

@@ -259,3 +259,40 @@ def test_attention_rows_keep_readable_contrast(qtbot) -> None:
         assert bg is not None and fg is not None
         assert lum(fg) - lum(bg) > 0.5
     assert model.data(model.index(3, 0), Qt.ItemDataRole.BackgroundRole) is None
+
+
+def test_batch_panel_cluster_field_runs_on_dask(qtbot, tmp_path: Path, tiny_bundle: Path) -> None:
+    """Empty Cluster = the built-in pool (Readers enabled); a scheduler address runs the batch on Dask
+    (a LocalCluster inside this process) and gives the same rows; a malformed one is refused up front."""
+    distributed = pytest.importorskip("distributed")
+    from kdviewer.gui.batch_panel import BatchPanel
+
+    folder, good, bad = _make_folder(tmp_path)
+    panel = BatchPanel(open_case=lambda p: None)
+    qtbot.addWidget(panel)
+    panel.folder.setText(str(folder))
+    panel.bundle.setText(str(tiny_bundle))
+    panel.show()
+    assert panel.cluster.text() == "" and panel.workers.isEnabled()
+    panel.cluster.setText("somewhere:8786")
+    assert not panel.workers.isEnabled()  # the pool's readers do not apply to a cluster
+    panel.output.setText(str(tmp_path / "bad.csv"))
+    qtbot.mouseClick(panel.start_button, Qt.MouseButton.LeftButton)
+    assert panel.state == "idle" and "scheduler address" in panel.status.text()
+    assert not (tmp_path / "bad.csv").exists()
+
+    panel.cluster.setText("")
+    panel.output.setText(str(tmp_path / "pool.csv"))
+    _run(qtbot, panel, panel.start_button)
+    with distributed.LocalCluster(n_workers=2, processes=False, dashboard_address=":0") as lc:
+        panel.cluster.setText(lc.scheduler_address)
+        panel.output.setText(str(tmp_path / "dask.csv"))
+        _run(qtbot, panel, panel.start_button)
+    assert panel.model.rowCount() == len(good) + len(bad)
+
+    def rows(name: str) -> dict[str, dict[str, str]]:
+        with open(tmp_path / name, newline="") as fh:
+            return {r["path"]: {k: v for k, v in r.items() if not k.startswith("t_")}
+                    for r in csv.DictReader(fh)}
+
+    assert rows("dask.csv") == rows("pool.csv")

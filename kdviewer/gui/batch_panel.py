@@ -86,10 +86,12 @@ class BatchWorker(QThread):
         heatmaps_dir: str | None = None,
         workers: int = 2,
         batch_size: int = 16,
+        cluster: str | None = None,
         parent: Any = None,
     ) -> None:
         super().__init__(parent)
         self.folder, self.bundle, self.out_csv = folder, bundle, out_csv
+        self.cluster = cluster or None
         self.teacher, self.heatmaps_dir, self.workers, self.batch_size = (
             teacher,
             heatmaps_dir,
@@ -119,6 +121,7 @@ class BatchWorker(QThread):
                 batch_size=self.batch_size,
                 progress=self._on_progress,
                 cancel=self.cancel_event,
+                cluster=self.cluster,
             )
         except Exception as exc:
             self.failed.emit(f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -206,6 +209,16 @@ class BatchPanel(QWidget):
         self.workers = QSpinBox()
         self.workers.setRange(1, 16)
         self.workers.setValue(2)
+        self.workers.setToolTip("Decoder processes of the built-in pool")
+        self.cluster = QLineEdit()
+        self.cluster.setPlaceholderText("empty = built-in pool on this computer")
+        self.cluster.setToolTip(
+            "Run on Dask instead of the built-in pool: local:4 (4 worker processes here) or the address of "
+            "a running scheduler, tcp://HOST:8786, whose workers see the same files (pip install "
+            "'kdviewer[cluster]' on every machine)"
+        )
+        self.cluster.textChanged.connect(
+            lambda t: self.workers.setEnabled(self.state == "idle" and not t.strip()))
         self.folder.edit.textChanged.connect(self._suggest_output)
         form = QFormLayout()
         form.addRow("Folder", self.folder)
@@ -214,6 +227,14 @@ class BatchPanel(QWidget):
         form.addRow("Options", self.teacher)
         form.addRow("Heatmaps", self.heatmaps)
         form.addRow("Readers", self.workers)
+        self.cluster.setMaximumWidth(420)
+        cluster_row = QHBoxLayout()
+        cluster_row.setContentsMargins(0, 0, 0, 0)
+        cluster_row.addWidget(self.cluster)
+        cluster_hint = QLabel("Dask: local:N (N processes here) or tcp://HOST:8786 (shared files)")
+        cluster_hint.setStyleSheet("color: palette(mid);")
+        cluster_row.addWidget(cluster_hint, 1)
+        form.addRow("Cluster", cluster_row)
         self.start_button = QPushButton("Start")
         self.cancel_button = QPushButton("Cancel")
         self.resume_button = QPushButton("Resume")
@@ -322,8 +343,9 @@ class BatchPanel(QWidget):
     def _set_state(self, state: str) -> None:
         self.state = state
         idle = state == "idle"
-        for w in (self.folder, self.bundle, self.output, self.teacher, self.heatmaps, self.workers):
+        for w in (self.folder, self.bundle, self.output, self.teacher, self.heatmaps, self.cluster):
             w.setEnabled(idle)
+        self.workers.setEnabled(idle and not self.cluster.text().strip())
         self.start_button.setEnabled(idle)
         self.cancel_button.setEnabled(state == "running")
         out = self.output.text()
@@ -388,6 +410,13 @@ class BatchPanel(QWidget):
             problems.append("Choose a model bundle (a folder or .zip).")
         if not self.output.text():
             problems.append("Choose where to write the results CSV.")
+        if self.cluster.text().strip():
+            from kdviewer.batch_cluster import ClusterError, parse_cluster  # Dask itself is not imported
+
+            try:
+                parse_cluster(self.cluster.text())
+            except ClusterError as exc:
+                problems.append(str(exc))
         if problems:
             self.status.setText(" ".join(problems))
             self.status.setStyleSheet("color: #b00020;")
@@ -407,6 +436,7 @@ class BatchPanel(QWidget):
             teacher=self.teacher.isChecked(),
             heatmaps_dir=self.heatmaps.text() or None,
             workers=self.workers.value(),
+            cluster=self.cluster.text().strip() or None,
             parent=self,
         )
         self.worker.progress.connect(self._on_progress)
@@ -415,7 +445,8 @@ class BatchPanel(QWidget):
         self.worker.finished.connect(self._on_thread_finished)
         self._started = time.monotonic()
         self.progress.setRange(0, 0)  # busy until the first progress report
-        self.status.setText("Starting (loading the model)…")
+        self.status.setText("Starting (loading the model" + (
+            f", connecting to the Dask cluster {self.worker.cluster})…" if self.worker.cluster else ")…"))
         self.shift_bar.dismiss()
         self._set_state("running")
         self.worker.start()
@@ -458,8 +489,10 @@ class BatchPanel(QWidget):
         extra = _summary_text(summary)
         elapsed = time.monotonic() - self._started
         word = "Cancelled" if cancelled else "Done"
+        cluster = self.worker.cluster if self.worker is not None else None
+        where = f" on the Dask cluster {cluster}" if cluster else ""
         self.status.setText(
-            f"{word} in {elapsed:.1f} s. {extra}".strip()
+            f"{word}{where} in {elapsed:.1f} s. {extra}".strip()
             + (" Press Resume to continue." if cancelled else "")
         )
         shift = getattr(summary, "shift", None)

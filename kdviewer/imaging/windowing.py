@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from kdviewer.imaging._arrays import percentiles
 from kdviewer.imaging.study import Study, VoiLut, Window
 
 #: Smallest window width accepted anywhere (avoids division by zero on flat images).
@@ -61,6 +62,8 @@ def _finite_sample(frame: np.ndarray) -> np.ndarray:
         step = max(1, math.isqrt(max(arr.size // _AUTO_SAMPLE, 1)))
         arr = arr[..., ::step, ::step]
     flat = arr.ravel().astype(np.float32, copy=False)
+    if flat.size and np.isfinite(flat.min()) and np.isfinite(flat.max()):
+        return flat  # no NaN / inf (min/max would show them): no mask, no copy
     return flat[np.isfinite(flat)]
 
 
@@ -69,7 +72,7 @@ def auto_window(frame: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5)
     sample = _finite_sample(frame)
     if sample.size == 0:
         return Window(0.5, 1.0, "auto")
-    lo, hi = (float(v) for v in np.percentile(sample, [low_pct, high_pct]))
+    lo, hi = percentiles(sample, (low_pct, high_pct))
     if hi - lo <= MIN_WIDTH:
         lo, hi = float(sample.min()), float(sample.max())
     if hi - lo <= MIN_WIDTH:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from kdviewer.imaging._arrays import percentiles
 from kdviewer.imaging.study import Study
 from kdviewer.models.manifest import Preprocessing
 
@@ -35,7 +36,7 @@ def intensity_range(
         # frames are sampled on a regular grid (~256k pixels): the same grey levels, far cheaper.
         step = max(1, int(np.sqrt(frame.size / 262_144)))
         sample = frame[::step, ::step]
-        lo, hi = np.percentile(sample, [0.5, 99.5]) if sample.size > 64 else (frame.min(), frame.max())
+        lo, hi = percentiles(sample, (0.5, 99.5)) if sample.size > 64 else (frame.min(), frame.max())
     return frame, float(lo), float(hi)
 
 
