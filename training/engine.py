@@ -51,6 +51,7 @@ from torch import nn
 from kdviewer.events import EventWriter
 from kdviewer.models.architectures import spec_of
 from training import distributed as ddp
+from training.amp import resolve_for_run as resolve_amp
 from training.checkpoint import (
     LAST,
     TEACHER,
@@ -74,10 +75,6 @@ STOP_FILE = "STOP"
 #: Written (atomically) into <output.dir> when a run completed: ``run --resume`` then says so and returns
 #: in seconds instead of redoing the evaluation and export; a new run (without --resume) removes it.
 FINISHED_FILE = "finished.json"
-# amp: auto on a CPU with AMX -> bf16 autocast + channels_last from this input side up. Measured on this
-# 2-core Xeon (ResNet-18 train step, batch 32, fp32 contiguous vs bf16 channels_last): 64 px 303 vs 304 ms
-# (no gain), 96 px 668 vs 445 ms, 128 px 1068 vs 417 ms, 224 px (batch 16) 1564 vs 708 ms.
-CPU_BF16_MIN_INPUT = 96
 STEP_EVENT_INTERVAL_S = 0.2  # at most ~5 step events per second (plus each epoch's last step)
 
 
@@ -122,38 +119,6 @@ def select_device(pref: str) -> torch.device:
     ):
         raise ConfigError([{"loc": "runtime.device", "msg": "MPS was requested but is not available"}])
     return device
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            return any("amx_bf16" in line for line in fh if line.startswith("flags"))
-    except OSError:
-        return False
-
-
-def select_amp(pref: str, device: torch.device, input_size: int | None = None) -> torch.dtype | None:
-    """Autocast dtype. ``auto``: bf16 (fp16 on GPUs without bf16) on CUDA; on a CPU bf16 only when it
-    has AMX (``amx_bf16``) and the input side is at least ``CPU_BF16_MIN_INPUT`` (smaller convolutions
-    gain nothing from it); otherwise off (fp32). MPS: off.
-    """
-    if pref == "off":
-        return None
-    if pref == "bf16":
-        return torch.bfloat16
-    if pref == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (input_size or 0) >= CPU_BF16_MIN_INPUT and _cpu_has_amx():
-        return torch.bfloat16
-    return None
-
-
-def use_channels_last(pref: str, device: torch.device, amp: torch.dtype | None) -> bool:
-    if pref != "auto":
-        return pref == "on"
-    return device.type == "cuda" or (device.type == "cpu" and amp == torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------- stop
@@ -907,8 +872,8 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
         device = ddp.rank_device(device, dist)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
-        amp = select_amp(cfg.runtime.amp, device, cfg.preprocessing.input_size)
-        channels_last = use_channels_last(cfg.runtime.channels_last, device, amp)
+        precision = resolve_amp(cfg, device)  # auto: timed probe on a CPU (training.amp)
+        amp, channels_last = precision.dtype, precision.channels_last
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -980,6 +945,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
                 channels_last=channels_last,
                 data_fingerprint=splits.fingerprint,
             )
+            events.emit("log", level="info", message=precision.message)
             for note in splits.skipped[:20]:
                 events.emit("log", level="warning", message=note)
         t_cache = time.time()
@@ -1272,7 +1238,6 @@ __all__ = [
     "evaluate",
     "iter_events_file",
     "run",
-    "select_amp",
     "select_device",
     "spec_of",
     "train_stage",
