@@ -298,6 +298,15 @@ def resolve(
     return _cpu_auto(arch, channels, input_size, batch_size, channels_last, model_factory, use_cache)
 
 
+def gpu_facts(device: torch.device) -> dict[str, Any] | None:
+    """Name and total memory (MB) of a CUDA device, for ``run_start`` (the panel shows memory use
+    against it); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "memory_mb": props.total_memory // 2**20}
+
+
 def resolve_for_run(cfg: Any, device: torch.device) -> AmpDecision:
     """`resolve` for a run's configuration (the student network, input size and batch it trains with).
 
@@ -328,4 +337,6 @@ def resolve_for_run(cfg: Any, device: torch.device) -> AmpDecision:
     return AmpDecision(dtype, cl, source, message, measured)
 
 
-__all__ = ["AmpDecision", "cache_file", "cpu_model_name", "probe_cpu", "resolve", "resolve_for_run"]
+__all__ = [
+    "AmpDecision", "cache_file", "cpu_model_name", "gpu_facts", "probe_cpu", "resolve", "resolve_for_run"
+]

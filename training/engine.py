@@ -51,6 +51,7 @@ from torch import nn
 from kdviewer.events import EventWriter
 from kdviewer.models.architectures import spec_of
 from training import distributed as ddp
+from training.amp import gpu_facts
 from training.amp import resolve_for_run as resolve_amp
 from training.checkpoint import (
     LAST,
@@ -934,6 +935,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False) -> RunResult:
                 "run_start",
                 config=cfg.model_dump(mode="json"),
                 device=str(device),
+                gpu=gpu_facts(device),
                 amp=None if amp is None else str(amp).replace("torch.", ""),
                 world_size=dist.world_size,
                 output_dir=str(out.resolve()),
