@@ -310,7 +310,7 @@ def gpu_facts(device: torch.device) -> dict[str, Any] | None:
 def resolve_for_run(cfg: Any, device: torch.device) -> AmpDecision:
     """`resolve` for a run's configuration (the student network, input size and batch it trains with).
 
-    Under DDP (``torch.distributed`` initialised) rank 0 decides and broadcasts its decision.
+    Under DDP (``torch.distributed`` initialised) on a CPU rank 0 probes and broadcasts its decision.
     """
     import torch.distributed as dist
 
@@ -325,8 +325,9 @@ def resolve_for_run(cfg: Any, device: torch.device) -> AmpDecision:
             channels_last=cfg.runtime.channels_last,
         )
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return decide()
+    probes = cfg.runtime.amp == "auto" and device.type == "cpu"
+    if not (probes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return decide()  # no probe (every rank gets the same answer) or a single process
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         d = decide()
