@@ -8,8 +8,8 @@ run to minutes on a CPU).
 2. Engine: ``training.engine.run`` with that teacher (``teacher.weights: <file>``, 0 fine-tune epochs):
    decode + preprocess once into an in-memory cache, frozen-teacher outputs computed once and reused
    every epoch (no augmentation), checkpoints written in the background; ``amp: auto`` picks bf16
-   autocast + channels_last on CPUs with AMX from 96 px input up (fp32 otherwise; ``--amp off`` forces
-   fp32 to see what the caching alone buys).
+   autocast + channels_last where a timed probe of the student finds it faster (``training.amp``; its
+   measurement is printed; ``--amp off`` forces fp32 to see what the caching alone buys).
 3. Plain loop: the textbook version — ``PIL.Image.open`` + torchvision transforms per item every epoch,
    a ``DataLoader`` (no workers: on 2 cores they would only compete with the compute threads), the
    teacher forward at every step, fp32, no checkpoints.
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import sys
@@ -223,13 +224,16 @@ def engine_kd(cfg: dict) -> dict:
     secs, cpu = time.perf_counter() - t, time.process_time() - c
     acc = max(h["val"]["accuracy"] for h in result.history if h["stage"] == "student")
     auc = max(h["val"]["auc"] for h in result.history if h["stage"] == "student")
-    start = next((line for line in sink.lines if '"run_start"' in line), "")
+    start = next((json.loads(line) for line in sink.lines if '"run_start"' in line), {})
+    notes = [json.loads(line).get("message", "") for line in sink.lines if '"amp auto' in line]
     return {
         "seconds": secs,
         "cpu_s": cpu,
         "val_accuracy": acc,
         "val_auc": auc,
-        "amp": "bf16" if "bfloat16" in start else "fp16" if "float16" in start else "off",
+        "amp": {"bfloat16": "bf16", "float16": "fp16"}.get(start.get("amp") or "", "off")
+        + (" + channels_last" if start.get("channels_last") else ""),
+        "amp_note": notes[0] if notes else "",
     }
 
 
@@ -264,6 +268,7 @@ def main() -> None:
         name = torch.cuda.get_device_name(torch.device(args.device))
         print(f"device {args.device}: {name}, torch {torch.__version__}, {args.workers} workers", flush=True)
 
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory(prefix="kdv-bench-") as tmp_:
         tmp = Path(tmp_)
         t = time.perf_counter()
@@ -318,6 +323,8 @@ def main() -> None:
             runs[which].append(r)
             ips = len(splits.train) * args.epochs / r["seconds"]
             extra = f", amp {r['amp']}" + ("" if which == "engine" else ", PIL + torchvision per item")
+            if r.get("amp_note"):
+                print(f"  engine {r['amp_note']}", flush=True)
             print(
                 f"{which:>6} KD: {r['seconds']:.1f} s, {ips:.1f} images/s, CPU {r['cpu_s']:.1f} s, "
                 f"best val accuracy {r['val_accuracy']:.3f}, AUC {r['val_auc']:.3f}{extra}",
@@ -345,6 +352,8 @@ def main() -> None:
         f"best val accuracy engine {e_acc:.3f} vs plain {p_acc:.3f} (difference {e_acc - p_acc:+.3f}); "
         f"best val AUC engine {e_auc:.3f} vs plain {p_auc:.3f} (difference {e_auc - p_auc:+.3f})"
     )
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"1-min load average {load0:.1f} at the start, {load1:.1f} at the end, {os.cpu_count()} cores")
     print(f"RESULT train_speedup {speedup:.2f}")
     if not math.isfinite(speedup):
         sys.exit(1)
