@@ -27,6 +27,7 @@ def one_thread():
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("KDVIEWER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(amp, "machine_load", lambda: 0.5)  # caching is for calm machines (see below)
     return tmp_path / "cache" / "amp_probe.json"
 
 
@@ -85,6 +86,14 @@ def test_cached_measurement_decides(cache: Path, fp32_ms: float, bf16_ms: float,
         amp.cache_key("smallcnn_s", 1, 28, 4, False): entry}}))
     d = _resolve(factory=_never, channels_last="off")
     assert d.dtype is want and d.channels_last is False
+
+
+def test_a_probe_on_a_busy_machine_is_used_but_not_cached(cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(amp, "machine_load", lambda: amp.busy_load() + 5)
+    d = _resolve()
+    assert d.source == "probe" and "not cached" in d.message and not cache.exists()
+    m = d.measured
+    assert d.dtype is (torch.bfloat16 if m["bf16_ms"] <= amp.BF16_MIN_GAIN * m["fp32_ms"] else None)
 
 
 def test_a_damaged_cache_is_probed_again(cache: Path) -> None:

@@ -7,15 +7,15 @@ convolutions) was slower in bf16. No flag in ``/proc/cpuinfo`` predicts both, so
 a short probe: a few forward + backward steps of the configured student at the configured input size,
 in fp32 (contiguous) and in bf16 autocast (channels_last unless ``runtime.channels_last: off``),
 alternated so a change in the machine's load hits both, and keeps bf16 only when it is clearly faster
-(``BF16_MIN_GAIN``). The answer is cached in a small JSON file (``$KDVIEWER_CACHE`` or
-``$XDG_CACHE_HOME``/``~/.cache`` + ``kdviewer/amp_probe.json``) keyed by CPU model name, torch
-version, machine architecture, thread count, network, channels, input size and probe batch, so a
-machine pays for the probe once per configuration.
+(``BF16_MIN_GAIN``). The answer is cached (unless the machine was busy while probing: `busy_load`) in
+a small JSON file (``$KDVIEWER_CACHE`` or ``$XDG_CACHE_HOME``/``~/.cache`` + ``kdviewer/amp_probe.json``)
+keyed by CPU model name, torch version, machine architecture, thread count, network, channels, input
+size and probe batch, so a machine pays for the probe once per configuration.
 
 Elsewhere: an explicit ``amp`` (off / bf16 / fp16) is used as given without probing; on CUDA ``auto``
 is bf16 where the GPU supports it, else fp16; on MPS ``auto`` is off. ``channels_last: auto`` follows
-the decision (on for CUDA, on for CPU bf16). Under DDP rank 0 decides and the other ranks take its
-answer (one probe, not one per rank competing for the same cores).
+the decision (on for CUDA, on for CPU bf16). Under DDP on a CPU rank 0 probes and the other ranks take
+its answer (one probe, not one per rank competing for the same cores).
 
 Every decision comes with a one-line ``message`` (what was measured and what was chosen) that the
 engine emits as a ``log`` event.
@@ -206,6 +206,21 @@ def probe_cpu(
     }
 
 
+def machine_load() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_load() -> float:
+    """Above this load a probe is used for its run but not cached: on a 2-core Xeon with AMX under a
+    load of ~15, bf16 steps measured 1.5x *slower* than fp32 (every extra cast waits for the busy cores)
+    while on the idle machine they are 2.5x faster — a busy moment must not decide for good."""
+    return (os.cpu_count() or 1) + 1.0
+
+
 def _decide(measured: dict[str, Any]) -> bool:
     return measured["bf16_ms"] <= BF16_MIN_GAIN * measured["fp32_ms"]
 
@@ -233,18 +248,23 @@ def _cpu_auto(
             msg = f"amp auto: bf16 probe of {arch} failed ({type(exc).__name__}: {exc}); using fp32"
             log.info(msg)
             return AmpDecision(None, channels_last_pref == "on", "fallback", msg)
-        entry = {**measured, "decided": "bf16" if _decide(measured) else "off", "at": time.time()}
-        if use_cache:
+        load = machine_load()
+        entry = {**measured, "decided": "bf16" if _decide(measured) else "off", "at": time.time(),
+                 "load": load}
+        busy = load is not None and load > busy_load()
+        if use_cache and not busy:
             _write_cache(path, key, entry)
-        source = "probe"
+        source = "probe (busy machine: not cached)" if busy else "probe"
     bf16 = _decide(entry)
     dtype = torch.bfloat16 if bf16 else None
     channels_last = bf16 if channels_last_pref == "auto" else channels_last_pref == "on"
-    how = (
-        f"measured {entry.get('steps', '?')} steps each in {entry.get('probe_s', 0):.1f} s"
-        if source == "probe"
-        else f"cached measurement from {path}"
-    )
+    if source == "cache":
+        how = f"cached measurement from {path}"
+    else:
+        how = f"measured {entry.get('steps', '?')} steps each in {entry.get('probe_s', 0):.1f} s"
+        if source != "probe":
+            how += f"; load {entry['load']:.1f} on {os.cpu_count()} cores: not cached, probed again next run"
+    source = "probe" if source.startswith("probe") else source
     variant = "bf16 + channels_last" if cl else "bf16"
     msg = (
         f"amp auto on {cpu_model_name()}: {arch} at {input_size} px, batch {batch}: fp32 "
