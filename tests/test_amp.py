@@ -88,12 +88,21 @@ def test_cached_measurement_decides(cache: Path, fp32_ms: float, bf16_ms: float,
     assert d.dtype is want and d.channels_last is False
 
 
-def test_a_probe_on_a_busy_machine_is_used_but_not_cached(cache: Path, monkeypatch) -> None:
-    monkeypatch.setattr(amp, "machine_load", lambda: amp.busy_load() + 5)
+def test_a_busy_measurement_stands_in_until_a_calm_run(cache: Path, monkeypatch) -> None:
+    busy = amp.busy_load() + 5
+    monkeypatch.setattr(amp, "machine_load", lambda: busy)
     d = _resolve()
-    assert d.source == "probe" and "not cached" in d.message and not cache.exists()
+    assert d.source == "probe" and "measured again when the machine is calm" in d.message
     m = d.measured
     assert d.dtype is (torch.bfloat16 if m["bf16_ms"] <= amp.BF16_MIN_GAIN * m["fp32_ms"] else None)
+    assert _resolve(factory=_never).source == "cache"  # still busy: no second probe
+    monkeypatch.setattr(amp, "machine_load", lambda: 0.5)
+    calm = _resolve()
+    assert calm.source == "probe" and "calm" not in calm.message
+    assert not next(iter(json.loads(cache.read_text())["entries"].values()))["busy"]
+    assert _resolve(factory=_never).source == "cache"  # calm answers stay, busy or not
+    monkeypatch.setattr(amp, "machine_load", lambda: busy)
+    assert _resolve(factory=_never).source == "cache"
 
 
 def test_a_damaged_cache_is_probed_again(cache: Path) -> None:

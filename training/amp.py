@@ -7,7 +7,7 @@ convolutions) was slower in bf16. No flag in ``/proc/cpuinfo`` predicts both, so
 a short probe: a few forward + backward steps of the configured student at the configured input size,
 in fp32 (contiguous) and in bf16 autocast (channels_last unless ``runtime.channels_last: off``),
 alternated so a change in the machine's load hits both, and keeps bf16 only when it is clearly faster
-(``BF16_MIN_GAIN``). The answer is cached (unless the machine was busy while probing: `busy_load`) in
+(``BF16_MIN_GAIN``). The answer is cached (one taken on a busy machine only until a calm run, `busy_load`) in
 a small JSON file (``$KDVIEWER_CACHE`` or ``$XDG_CACHE_HOME``/``~/.cache`` + ``kdviewer/amp_probe.json``)
 keyed by CPU model name, torch version, machine architecture, thread count, network, channels, input
 size and probe batch, so a machine pays for the probe once per configuration.
@@ -215,9 +215,10 @@ def machine_load() -> float | None:
 
 
 def busy_load() -> float:
-    """Above this load a probe is used for its run but not cached: on a 2-core Xeon with AMX under a
-    load of ~15, bf16 steps measured 1.5x *slower* than fp32 (every extra cast waits for the busy cores)
-    while on the idle machine they are 2.5x faster — a busy moment must not decide for good."""
+    """Above this load a probe's answer is kept only until a calm run measures again: on a 2-core Xeon
+    with AMX under a load of ~15, bf16 steps measured 1.5x *slower* than fp32 (every extra cast waits
+    for the busy cores) while on the idle machine they are 2.5x faster — a busy moment must not decide
+    for good, nor should every run on a busy machine pay for a probe that takes minutes there."""
     return (os.cpu_count() or 1) + 1.0
 
 
@@ -239,8 +240,14 @@ def _cpu_auto(
     key = cache_key(arch, channels, input_size, batch, cl)
     path = cache_file()
     entry = _read_cache(path).get(key) if use_cache else None
+    load = machine_load()
+    busy_now = load is not None and load > busy_load()
+    usable = isinstance(entry, dict) and {"fp32_ms", "bf16_ms"} <= set(entry)
+    # a measurement taken on a busy machine stands in while it stays busy; a calm moment measures again
+    if usable and entry.get("busy") and not busy_now:
+        usable = False
     source = "cache"
-    if not (isinstance(entry, dict) and {"fp32_ms", "bf16_ms"} <= set(entry)):
+    if not usable:
         try:
             model = model_factory()
             measured = probe_cpu(model, channels, input_size, batch, channels_last=cl)
@@ -248,13 +255,12 @@ def _cpu_auto(
             msg = f"amp auto: bf16 probe of {arch} failed ({type(exc).__name__}: {exc}); using fp32"
             log.info(msg)
             return AmpDecision(None, channels_last_pref == "on", "fallback", msg)
-        load = machine_load()
         entry = {**measured, "decided": "bf16" if _decide(measured) else "off", "at": time.time(),
-                 "load": load}
-        busy = load is not None and load > busy_load()
-        if use_cache and not busy:
+                 "load": load, "busy": busy_now}
+        if use_cache:
             _write_cache(path, key, entry)
-        source = "probe (busy machine: not cached)" if busy else "probe"
+        source = "probe"
+    assert isinstance(entry, dict)
     bf16 = _decide(entry)
     dtype = torch.bfloat16 if bf16 else None
     channels_last = bf16 if channels_last_pref == "auto" else channels_last_pref == "on"
@@ -262,9 +268,9 @@ def _cpu_auto(
         how = f"cached measurement from {path}"
     else:
         how = f"measured {entry.get('steps', '?')} steps each in {entry.get('probe_s', 0):.1f} s"
-        if source != "probe":
-            how += f"; load {entry['load']:.1f} on {os.cpu_count()} cores: not cached, probed again next run"
-    source = "probe" if source.startswith("probe") else source
+    if entry.get("busy"):
+        how += (f"; taken at load {entry.get('load') or 0:.1f} on {os.cpu_count()} cores: "
+                "measured again when the machine is calm")
     variant = "bf16 + channels_last" if cl else "bf16"
     msg = (
         f"amp auto on {cpu_model_name()}: {arch} at {input_size} px, batch {batch}: fp32 "
