@@ -9,7 +9,8 @@ Schema version ``EVENTS_SCHEMA`` ("MAJOR.MINOR"). Every event carries::
 
 Event types and their extra fields:
 
-``run_start``   config (dict), device (str), amp (str|null), world_size (int), output_dir (str),
+``run_start``   config (dict), device (str), gpu ({"name": str, "memory_mb": int}|null: the CUDA
+                device), amp (str|null), world_size (int), output_dir (str),
                 stages (list[str]), total_steps (int), resumed_from (str|null),
                 dataset ({"train": n, "val": n, "test": n, "classes": [...]}), synthetic (bool)
 ``stage_start`` stage ("teacher" | "student" | "finetune" | "export"), epochs (int), steps_per_epoch (int);
@@ -19,7 +20,7 @@ Event types and their extra fields:
 ``stage_end``   stage, elapsed_s (float), timings ({substage: seconds}, export only)
 ``step``        stage, epoch (int, 1-based), step (int, global within stage), lr (float),
                 loss (float, total), components ({name: float}), images_per_s (float),
-                eta_s (float|null), gpu_mem_mb (float|null)
+                eta_s (float|null), gpu_mem_mb (float|null: peak CUDA memory allocated so far, MB)
 ``epoch_end``   stage, epoch, train ({"loss": f, ...}), val ({"accuracy": f, "auc": f, "loss": f,...}),
                 lr, best (bool), epoch_time_s
 ``eval``        stage, split ("val" | "test"), metrics ({name: {"value","ci_low","ci_high"}}),

@@ -356,21 +356,3 @@ def test_resume_a_finished_run_with_more_epochs(reference, phantoms, tmp_path):
     assert rec2.of("run_end")[0]["metrics"] == more.metrics
     # a new run (no --resume) in the same folder trains again and replaces the record
     assert (tmp_path / "finished.json").is_file()
-
-
-def test_amp_auto_policy(monkeypatch):
-    """bf16 autocast on a CPU only with AMX and inputs large enough to gain from it; CUDA always."""
-    from training import engine
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "_cpu_has_amx", lambda: True)
-    assert engine.select_amp("auto", cpu, 28) is None
-    assert engine.select_amp("auto", cpu, engine.CPU_BF16_MIN_INPUT) is torch.bfloat16
-    assert engine.use_channels_last("auto", cpu, torch.bfloat16)
-    assert not engine.use_channels_last("auto", cpu, None)
-    monkeypatch.setattr(engine, "_cpu_has_amx", lambda: False)
-    assert engine.select_amp("auto", cpu, 224) is None
-    assert engine.select_amp("bf16", cpu, 28) is torch.bfloat16
-    assert engine.select_amp("off", torch.device("cuda"), 224) is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert engine.select_amp("auto", torch.device("cuda"), 28) is torch.float16

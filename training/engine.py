@@ -31,7 +31,7 @@ the last checkpoint stays usable for ``--resume``.
 Where things are (one reason to change per module):
 
 - ``training.engine`` (this file): `run` — data, models, the order of the stages, the run's events and
-  errors; the device/AMP selection (`select_device`, `select_amp`, `use_channels_last`);
+  errors; the device selection (`select_device`; AMP is decided in `training.amp`);
 - ``training.stage``: the stage loop (`train_stage`: steps, validation, best epoch, checkpoints, stop);
 - ``training.teacher_cache``: the frozen teacher's cached per-image records;
 - ``training.validation``: the per-epoch evaluation and the ``eval`` events;
@@ -62,6 +62,8 @@ import yaml
 from kdviewer.events import EventWriter
 from kdviewer.models.architectures import spec_of
 from training import distributed as ddp
+from training.amp import gpu_facts
+from training.amp import resolve_for_run as resolve_amp
 from training.checkpoint import (
     LAST,
     TEACHER,
@@ -82,11 +84,6 @@ from training.validation import evaluate
 from training.zoo import create_model
 
 log = logging.getLogger(__name__)
-
-# amp: auto on a CPU with AMX -> bf16 autocast + channels_last from this input side up. Measured on this
-# 2-core Xeon (ResNet-18 train step, batch 32, fp32 contiguous vs bf16 channels_last): 64 px 303 vs 304 ms
-# (no gain), 96 px 668 vs 445 ms, 128 px 1068 vs 417 ms, 224 px (batch 16) 1564 vs 708 ms.
-CPU_BF16_MIN_INPUT = 96
 
 
 # ------------------------------------------------------------------------------------------- devices
@@ -110,39 +107,6 @@ def select_device(pref: str) -> torch.device:
     ):
         raise ConfigError([{"loc": "runtime.device", "msg": "MPS was requested but is not available"}])
     return device
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            return any("amx_bf16" in line for line in fh if line.startswith("flags"))
-    except OSError:
-        return False
-
-
-def select_amp(pref: str, device: torch.device, input_size: int | None = None) -> torch.dtype | None:
-    """Autocast dtype. ``auto``: bf16 (fp16 on GPUs without bf16) on CUDA; on a CPU bf16 only when it
-    has AMX (``amx_bf16``) and the input side is at least ``CPU_BF16_MIN_INPUT`` (smaller convolutions
-    gain nothing from it); otherwise off (fp32). MPS: off.
-    """
-    if pref == "off":
-        return None
-    if pref == "bf16":
-        return torch.bfloat16
-    if pref == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (input_size or 0) >= CPU_BF16_MIN_INPUT and _cpu_has_amx():
-        return torch.bfloat16
-    return None
-
-
-def use_channels_last(pref: str, device: torch.device, amp: torch.dtype | None) -> bool:
-    if pref != "auto":
-        return pref == "on"
-    return device.type == "cuda" or (device.type == "cpu" and amp == torch.bfloat16)
-
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -219,7 +183,6 @@ def _set_seed(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-
 def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: bool = False) -> RunResult:
     """Train (teacher, then student), checkpoint, and export the bundle. See the module docstring.
 
@@ -239,8 +202,8 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: 
         device = ddp.rank_device(device, dist)
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
-        amp = select_amp(cfg.runtime.amp, device, cfg.preprocessing.input_size)
-        channels_last = use_channels_last(cfg.runtime.channels_last, device, amp)
+        precision = resolve_amp(cfg, device)  # auto: timed probe on a CPU (training.amp)
+        amp, channels_last = precision.dtype, precision.channels_last
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +266,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: 
                 "run_start",
                 config=cfg.model_dump(mode="json"),
                 device=str(device),
+                gpu=gpu_facts(device),
                 amp=None if amp is None else str(amp).replace("torch.", ""),
                 world_size=dist.world_size,
                 output_dir=str(out.resolve()),
@@ -314,6 +278,7 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: 
                 channels_last=channels_last,
                 data_fingerprint=splits.fingerprint,
             )
+            events.emit("log", level="info", message=precision.message)
             for note in splits.skipped[:20]:
                 events.emit("log", level="warning", message=note)
         t_cache = time.time()
@@ -477,7 +442,6 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: 
         ddp.shutdown(dist)
 
 
-
 def iter_events_file(path: Path) -> Iterator[dict[str, Any]]:
     """Parsed events of a run's ``events.jsonl`` (helper for tests and tools)."""
     from kdviewer.events import parse_event
@@ -497,7 +461,6 @@ __all__ = [
     "evaluate",
     "iter_events_file",
     "run",
-    "select_amp",
     "select_device",
     "spec_of",
     "teacher_record",

@@ -275,6 +275,7 @@ class TrainingForm(QWidget):
         super().__init__(parent)
         self.base: dict[str, Any] = {}
         self.fields: dict[str, Field] = {}
+        self._device_chosen = False  # the user picked a device in the list (then a GPU found later waits)
         self.general_error = QLabel("")
         self.general_error.setStyleSheet(ERROR_STYLE)
         self.general_error.setWordWrap(True)
@@ -490,11 +491,12 @@ class TrainingForm(QWidget):
     def _build_runtime(self, outer: QVBoxLayout) -> None:
         f = self._group(outer, "Runtime and output")
         self.device = _combo([("Auto", "auto"), ("CPU", "cpu")])
+        self.device.activated.connect(self._device_picked)
         self._row(
             f, "Device", "device", ("runtime", "device"), self.device, "Looking for GPUs in the background…"
         )
         self.amp = _combo(
-            [("auto (on for GPUs)", "auto"), ("off", "off"), ("bf16", "bf16"), ("fp16", "fp16")]
+            [("auto (GPU: on; CPU: measured)", "auto"), ("off", "off"), ("bf16", "bf16"), ("fp16", "fp16")]
         )
         self._row(f, "Mixed precision", "amp", ("runtime", "amp"), self.amp)
         self.output_dir = PathEdit("dir", "Output folder (one sub-folder per run)")
@@ -509,13 +511,28 @@ class TrainingForm(QWidget):
         self.run_name = QLineEdit()
         self._row(f, "Run / model name", "run_name", ("output", "name"), self.run_name)
 
+    def _device_picked(self, _index: int) -> None:
+        self._device_chosen = True
+
+    def gpu_default(self) -> str | None:
+        """The first GPU in the Device list (``cuda:N`` or ``mps``), None on a CPU-only machine."""
+        for i in range(self.device.count()):
+            value = str(self.device.itemData(i))
+            if value.startswith("cuda") or value == "mps":
+                return value
+        return None
+
     def set_devices(self, devices: list[tuple[str, str]]) -> None:
+        """Fill the Device list (see `training_process.device_choices`). A run on a GPU is the default
+        when one is present: "auto" becomes the first GPU unless the user picked a device by hand."""
         current = combo_value(self.device)
         self.device.blockSignals(True)
         self.device.clear()
         for label, value in devices:
             self.device.addItem(label, value)
         self.device.blockSignals(False)
+        if current == "auto" and not self._device_chosen:
+            current = self.gpu_default() or current
         set_combo(self.device, current)
         self.device.setToolTip("Auto picks a CUDA GPU, then Apple MPS, then the CPU")
 
@@ -593,7 +610,8 @@ class TrainingForm(QWidget):
         self.step_size.setValue(int(sched.get("step_size") or 10))
         self.gamma.setValue(float(sched.get("gamma") or 0.1))
 
-        set_combo(self.device, g("runtime", "device") or "auto")
+        device = str(g("runtime", "device") or "auto")
+        set_combo(self.device, (self.gpu_default() or device) if device == "auto" else device)
         set_combo(self.amp, g("runtime", "amp") or "auto")
         out_dir = str(g("output", "dir") or "")
         name = str(g("output", "name") or "kd-student")

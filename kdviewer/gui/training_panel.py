@@ -94,6 +94,7 @@ class TrainingPanel(QWidget):
         self._stage_order: list[str] = []
         self._stage_epochs: dict[str, int] = {}
         self._total_steps = 0
+        self._gpu_total_mb: float | None = None  # the run's GPU memory (from run_start), for the label
         self._run_started = 0.0
         self._written_config: dict[str, Any] | None = None
         self._start_after_check = False
@@ -459,6 +460,7 @@ class TrainingPanel(QWidget):
             lbl.setText(text)
         self._stage_totals, self._stage_order, self._stage_epochs = {}, [], {}
         self._total_steps = 0
+        self._gpu_total_mb = None
         self.last_checkpoint = None
         self.bundle_path = None
         self.run_dir = None
@@ -478,8 +480,12 @@ class TrainingPanel(QWidget):
             dev = ev.get("device") or "?"
             amp = ev.get("amp")
             ws = ev.get("world_size") or 1
+            gpu = ev.get("gpu") if isinstance(ev.get("gpu"), dict) else {}
+            total = gpu.get("memory_mb")
+            self._gpu_total_mb = float(total) if isinstance(total, (int, float)) and total > 0 else None
             self.device_label.setText(
                 f"device {dev}"
+                + (f" ({gpu['name']})" if gpu.get("name") else "")
                 + (f" · AMP {amp}" if amp else "")
                 + (f" · {ws} processes" if ws and ws > 1 else "")
             )
@@ -615,8 +621,15 @@ class TrainingPanel(QWidget):
         ips = ev.get("images_per_s")
         if isinstance(ips, (int, float)):
             self.rate_label.setText(f"{ips:,.1f} images/s")
-        mem = ev.get("gpu_mem_mb")
-        self.gpu_label.setText(f"GPU memory {mem:,.0f} MB" if isinstance(mem, (int, float)) else "")
+        self.gpu_label.setText(self.gpu_memory_text(ev.get("gpu_mem_mb")))
+
+    def gpu_memory_text(self, mem: Any) -> str:
+        """"GPU memory 3,210 MB peak of 140 GB" from a step's ``gpu_mem_mb`` (empty off a GPU)."""
+        if not isinstance(mem, (int, float)):
+            return ""
+        total = self._gpu_total_mb
+        of = f" of {total / 1024:,.0f} GB ({100 * mem / total:.0f} %)" if total else ""
+        return f"GPU memory {mem:,.0f} MB peak{of}"
 
     def _on_finished(self, code: int, crashed: bool) -> None:
         resumed = self._pending_resume

@@ -376,8 +376,8 @@ DEVICE_PROBE = (
 class DeviceProbe(QObject):
     """Lists CUDA GPUs / MPS in a tiny background subprocess (the GUI process never imports torch).
 
-    Emits ``found(list[tuple[label, value]])`` — always starting with ("Auto", "auto") and ending with
-    ("CPU", "cpu").
+    Emits ``found(list[tuple[label, value]])`` made by `device_choices`: always starting with the
+    "auto" entry and ending with ("CPU", "cpu").
     """
 
     found = Signal(list)
@@ -394,16 +394,28 @@ class DeviceProbe(QObject):
         self._job.kill()
 
     def _done(self, code: int, out: str, _err: str) -> None:
-        devices: list[tuple[str, str]] = [("Auto", "auto")]
         try:
             info = json.loads(out.strip().splitlines()[-1]) if code == 0 and out.strip() else {}
         except (json.JSONDecodeError, IndexError):
             info = {}
-        for gpu in info.get("cuda", []):
-            mem = gpu.get("memory_mb")
-            extra = f", {mem / 1024:.0f} GB" if mem else ""
-            devices.append((f"GPU {gpu['index']}: {gpu.get('name', 'CUDA')}{extra}", f"cuda:{gpu['index']}"))
-        if info.get("mps"):
-            devices.append(("Apple GPU (MPS)", "mps"))
-        devices.append(("CPU", "cpu"))
-        self.found.emit(devices)
+        self.found.emit(device_choices(info if isinstance(info, dict) else {}))
+
+
+def device_choices(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The Device list for what the probe found (``{"cuda": [{"index", "name", "memory_mb"}], "mps": bool}``).
+
+    ("Auto (...)", "auto") first — its label says what auto will pick —, then each CUDA GPU by name and
+    memory ("GPU 0: NVIDIA H200, 140 GB" -> ``cuda:0``), Apple's GPU ("mps"), and ("CPU", "cpu") last.
+    A machine without a GPU gets Auto (CPU) and CPU only.
+    """
+    gpus: list[tuple[str, str]] = []
+    for gpu in info.get("cuda") or []:
+        if not isinstance(gpu, dict) or not isinstance(gpu.get("index"), int):
+            continue
+        mem = gpu.get("memory_mb")
+        extra = f", {mem / 1024:.0f} GB" if isinstance(mem, (int, float)) and mem > 0 else ""
+        gpus.append((f"GPU {gpu['index']}: {gpu.get('name') or 'CUDA'}{extra}", f"cuda:{gpu['index']}"))
+    if info.get("mps"):
+        gpus.append(("Apple GPU (MPS)", "mps"))
+    auto = f"Auto ({gpus[0][0].split(',')[0]})" if gpus else "Auto (CPU)"
+    return [(auto, "auto"), *gpus, ("CPU", "cpu")]
