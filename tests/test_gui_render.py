@@ -13,6 +13,7 @@ import pytest
 from test_gui_support import gui_data, tiny_bundle  # noqa: F401 - fixtures
 
 from kdviewer.gui import logic
+from kdviewer.models.bundle import demo_bundle_path
 
 pytestmark = pytest.mark.gui
 
@@ -137,7 +138,7 @@ def test_main_gui_without_arguments_opens_demo_model_and_sample(
     sample = logic.sample_case_path()
     if sample is None:
         pytest.skip("resources/samples not generated (python scripts/make_demo_assets.py)")
-    if logic.demo_bundle_path() is None:
+    if demo_bundle_path() is None:
         monkeypatch.setenv("KDVIEWER_BUNDLE", str(tiny_bundle))
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))

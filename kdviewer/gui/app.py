@@ -71,7 +71,8 @@ def ensure_app(offscreen_if_headless: bool = True) -> QApplication:
 
 
 def initial_bundle(explicit: str | None, settings: QSettings) -> str | None:
-    """--bundle, else the last model used (if it still exists), else the shipped demo bundle."""
+    """--bundle, else the last model used (if it still exists), else the shipped default model (the
+    real-data model, or the synthetic demo where that is not installed), else None."""
     if explicit:
         return explicit
     last = settings.value("model/last")
@@ -83,10 +84,9 @@ def initial_bundle(explicit: str | None, settings: QSettings) -> str | None:
         p = default_bundle_path()
         if p is not None and Path(p).exists():
             return str(p)
-    except Exception:  # no demo bundle installed: the window says "no model loaded"
+    except Exception:  # no bundled model installed: the window says "no model loaded"
         pass
-    demo = logic.demo_bundle_path()
-    return str(demo) if demo else None
+    return None
 
 
 def main_gui(paths: list[str] | list[Path], bundle: str | os.PathLike | None) -> int:

@@ -414,11 +414,6 @@ def resources_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "resources"
 
 
-def demo_bundle_path() -> Path | None:
-    p = resources_dir() / "demo" / "cxr_demo"
-    return p if (p / "manifest.json").is_file() else None
-
-
 def sample_case_path() -> Path | None:
     samples = resources_dir() / "samples"
     # a real radiograph for the real default model first; the phantoms where it is not installed

@@ -563,8 +563,12 @@ def open_bundle(path: str | Path) -> Bundle:
 
 
 def _resource_roots() -> list[Path]:
-    """resources/ candidates: a frozen app's data folder, the project checkout, package resources."""
+    """resources/ candidates: $KDVIEWER_RESOURCES, a frozen app's data folder, the project checkout,
+    package resources (the same order as `kdviewer.gui.logic.resources_dir`)."""
     roots: list[Path] = []
+    env = os.environ.get("KDVIEWER_RESOURCES")
+    if env:
+        roots.append(Path(env))
     frozen = getattr(sys, "_MEIPASS", None)
     if frozen:
         roots.append(Path(frozen) / "resources")
