@@ -3,7 +3,7 @@
 1. Trains recipe 000 briefly once (teacher as built, 1 student epoch, ``output.export: false``) into
    ``--work``; both exports below start from copies of that run, so they export the same weights.
 2. New: ``kd-train export RUN`` with this tree (the export stage, its events and substage timings).
-3. Old (``--ref``, default: the merge base of HEAD and main): the same run exported by that commit's
+3. Old (``--ref``, default: f53ffc4, main before the export stage): the same run exported by that commit's
    engine (``git archive`` of its ``training/`` and ``kdviewer/``), via ``run --resume`` on the
    finished training with ``output.export: true``.
 
@@ -12,10 +12,15 @@ Both are timed the same way, from the engine's "data: ..." log line (data loaded
 ``stage_end`` event; old: ``manifest.training.export_timings_s``, coarser phases, report not timed) and
 the load average (``os.getloadavg``) before and after are printed, so a reader can judge a busy
 machine, with the CPU seconds of each whole process (imports and data loading included), which a
-busy machine inflates far less than wall time. Last line: ``RESULT export_speedup <old / new>``
-(or ``RESULT export_s <new>`` with ``--ref none``).
+busy machine inflates far less than wall time.
 
-    python benchmarks/export_time.py [--n 64] [--work DIR] [--ref REF|none] [--threads N]
+4. In a run (the issue's measure, unless ``--no-in-run``): recipe 000 run whole with this tree, export on;
+   ``RESULT export_in_run_s`` is the time from the last ``epoch_end`` to ``run_end``. ``kd-train export``
+   (2.) also loads the checkpoints and imports the export's modules (~1.5 s), which a run has done already.
+
+Last line: ``RESULT export_speedup <old / new>`` (or ``RESULT export_s <new>`` with ``--ref none``).
+
+    python benchmarks/export_time.py [--n 64] [--work DIR] [--ref REF|none] [--threads N] [--no-in-run]
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ def _span(events: list[dict]) -> float:
     return end[-1] - start[-1]
 
 
+#: main before the export became a stage (issue 12): the engine the issue's 26 s was measured on
+PRE_STAGE_ENGINE = "f53ffc4"
+
+
 def _children_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -85,8 +94,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64, help="phantoms (70:30 split)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (kept; default: a temp folder)")
-    ap.add_argument("--ref", default="merge-base", help="git ref of the old engine, or 'none'")
+    ap.add_argument("--ref", default=PRE_STAGE_ENGINE,
+                    help="git ref of the old engine ('merge-base': of HEAD and main), or 'none'")
     ap.add_argument("--threads", type=int, default=None, help="runtime.threads for both (default: unset)")
+    ap.add_argument("--no-in-run", dest="in_run", action="store_false",
+                    help="skip the third measurement: a whole run of this tree, last epoch_end -> run_end")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kd-export-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -143,6 +155,23 @@ def main() -> int:
             took = stage_end[-1]["elapsed_s"]
             print(f"  export stage (stage_start -> stage_end): {took:.1f} s", flush=True)
         print("  substages: " + ", ".join(f"{k} {v:.1f}" for k, v in timings[name].items()), flush=True)
+    if args.in_run:
+        # The issue's own measure: inside a whole run (this tree), from the last training epoch to run_end —
+        # what a user waits for after training; modules the export needs are already imported there.
+        run = work / "run-in-run"
+        shutil.rmtree(run, ignore_errors=True)
+        log = work / "in-run.jsonl"
+        log.unlink(missing_ok=True)
+        before = _load()
+        once = ["--set", "teacher.epochs=0", "--set", "optim.epochs=1"]
+        _engine(ROOT, ["run", "000", *sets, *once, "--set", f"output.dir={run}"], log)
+        events = _events(log)
+        last_epoch = max(e["time"] for e in events if e["event"] == "epoch_end")
+        run_end = max(e["time"] for e in events if e["event"] == "run_end")
+        took = run_end - last_epoch
+        print(f"in a run (this tree): last epoch_end -> run_end {took:.1f} s; load {before} -> {_load()}",
+              flush=True)
+        print(f"RESULT export_in_run_s {took:.1f}")
     if "old" in results:
         print(f"RESULT export_speedup {results['old'] / results['new']:.2f}")
     else:
