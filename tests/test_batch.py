@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from _bundles import (
     write_dicom,
     write_png,
 )
+from _classify import kill_after_rows, read_rows
 from PIL import Image
 
 from kdviewer.batch import BatchError, BatchProgress, csv_columns, run_batch, scan
@@ -33,11 +32,6 @@ from kdviewer.batch import BatchError, BatchProgress, csv_columns, run_batch, sc
 pytestmark = pytest.mark.timeout(900)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +68,7 @@ def test_run_batch_mixed_folder_then_resume(mixed: Path, tmp_path: Path) -> None
     out, js = tmp_path / "res.csv", tmp_path / "res.json"
     seen: list[BatchProgress] = []
     s = run_batch(mixed, cxr_bundle().path, out, json_out=js, workers=2, batch_size=4, progress=seen.append)
-    rows = _rows(out)
+    rows = read_rows(out)
     assert list(rows[0]) == csv_columns(["normal", "nodule"], teacher=False)
     assert len(rows) == 8 == s.total_cases == s.processed and s.skipped == 0
     by_name = {Path(r["path"].split("#")[0]).name: r for r in rows}
@@ -132,7 +126,7 @@ def test_torn_last_line_is_repaired_on_resume(mixed: Path, tmp_path: Path) -> No
     text = out.read_text()
     out.write_text(text + text.splitlines()[-1][:17])  # a half-written row after a kill
     run_batch(mixed, cxr_bundle().path, out, workers=0)
-    paths = [r["path"] for r in _rows(out)]
+    paths = [r["path"] for r in read_rows(out)]
     assert len(paths) == len(set(paths)) == 8
 
 
@@ -148,14 +142,14 @@ def test_cancel_then_resume(mixed: Path, tmp_path: Path) -> None:
     assert s.cancelled and 4 <= s.processed < 8
     s2 = run_batch(mixed, cxr_bundle().path, out, workers=0)
     assert s2.skipped == s.processed and s.processed + s2.processed == 8
-    paths = [r["path"] for r in _rows(out)]
+    paths = [r["path"] for r in read_rows(out)]
     assert len(paths) == len(set(paths)) == 8
 
 
 def test_teacher_columns_heatmaps_and_jsonl(mixed: Path, tmp_path: Path) -> None:
     out, heat, jl = tmp_path / "t.csv", tmp_path / "heat", tmp_path / "t.jsonl"
     s = run_batch(mixed, cxr_bundle().path, out, teacher=True, heatmaps_dir=heat, json_out=jl, workers=0)
-    rows = _rows(out)
+    rows = read_rows(out)
     assert "teacher_prob_nodule" in rows[0]
     good = [r for r in rows if not r["error"] and not r["refused"]]
     assert len(good) == 5
@@ -192,29 +186,15 @@ def test_killed_classify_resumes_with_each_file_once(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "kdviewer.cli", "classify", str(folder), "-o", str(out),
            "--model", str(cxr_bundle().path), "--batch-size", "1", "--workers", "1", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    rows_at_kill = 0
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists():
-                rows_at_kill = max(0, out.read_bytes().count(b"\n") - 1)
-                if rows_at_kill >= 2:
-                    break
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its decoder process
-        proc.wait(timeout=30)
+    proc, rows_at_kill = kill_after_rows(cmd, out, env, deadline_s=240)  # the CLI and its decoder process
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert 2 <= rows_at_kill < n
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "already in res.csv" in done.stdout
-    paths = [Path(r["path"]).name for r in _rows(out)]
+    paths = [Path(r["path"]).name for r in read_rows(out)]
     assert sorted(paths) == sorted(f"{i:03d}.png" for i in range(n))  # each file exactly once
-    assert all(r["label"] and not r["error"] for r in _rows(out))
+    assert all(r["label"] and not r["error"] for r in read_rows(out))
 
 
 def test_real_chest_xrays(shared_data: Path, tmp_path: Path) -> None:
@@ -226,7 +206,7 @@ def test_real_chest_xrays(shared_data: Path, tmp_path: Path) -> None:
     others = [c for c in cases if c.case_type == "error"]
     out = tmp_path / "real.csv"
     s = run_batch(folder, cxr_bundle().path, out, workers=2, cases=images + others)
-    rows = _rows(out)
+    rows = read_rows(out)
     assert len(rows) == len(images) + len(others) == s.processed
     assert all(not r["error"] and r["label"] for r in rows if r["case_type"] == "image")
     assert all(r["error"] for r in rows if r["case_type"] == "error")  # e.g. labels.csv
@@ -243,7 +223,7 @@ def test_modality_gate_and_ood_rows(tmp_path: Path) -> None:
     write_ct_png(folder / "ct_slice.png", ct_volume(np.random.default_rng(1), n=1, size=64)[0])
     out = tmp_path / "res.csv"
     s = run_batch(folder, cxr_bundle().path, out, workers=0)
-    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
     ct = rows["ct"]
     assert ct["case_type"] == "series" and ct["label"] == "" and not ct["error"]
     assert ct["refused"] == "this model reads chest radiographs (CR, DX); this image is CT"
@@ -286,7 +266,7 @@ def test_default_output_is_outside_the_folder_and_own_outputs_are_never_cases(tm
         ["labels.csv", "notes.txt", "results.csv"] + [p.name for p in (folder / "heat").glob("*.png")])
     text = "\n".join(summary_lines(s2))
     assert "could not be read" not in text and "5 file(s) skipped, not images" in text
-    assert {Path(r["path"]).name for r in _rows(out)} == {"case0.png", "case1.png"}
+    assert {Path(r["path"]).name for r in read_rows(out)} == {"case0.png", "case1.png"}
 
 
 def test_batch_and_predict_give_the_same_answer(mixed: Path, tmp_path: Path) -> None:
@@ -297,7 +277,7 @@ def test_batch_and_predict_give_the_same_answer(mixed: Path, tmp_path: Path) -> 
 
     out = tmp_path / "res.csv"
     run_batch(mixed, cxr_bundle().path, out, workers=2, batch_size=4)
-    rows = {Path(r["path"]).name: r for r in _rows(out)}
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
     clf = Classifier(cxr_bundle().path)
     for name in ("case0.png", "case1.png", "photo.jpg", "cr1.dcm"):
         path = next(mixed.rglob(name))

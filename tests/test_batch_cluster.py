@@ -6,7 +6,6 @@ rerun both end with every case exactly once; no Dask import without --cluster; c
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _bundles import ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_dicom, write_png
+from _classify import kill_after_rows, read_rows
 from PIL import Image
 
 from kdviewer.batch import BatchProgress, run_batch
@@ -30,13 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = ("t_decode_ms", "t_infer_ms")
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _by_path(path: Path) -> dict[str, dict[str, str]]:
-    rows = _rows(path)
+    rows = read_rows(path)
     counts = Counter(r["path"] for r in rows)
     assert max(counts.values()) == 1, [p for p, c in counts.items() if c > 1]
     return {r["path"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in rows}
@@ -112,7 +107,7 @@ def test_a_worker_killed_mid_run_loses_and_repeats_nothing(cluster, tmp_path: Pa
     s = run_batch(folder, cxr_bundle().path, out, batch_size=2, cluster=cluster.scheduler_address,
                   progress=progress)
     assert killed, "the run ended before a worker could be killed"
-    rows = _rows(out)
+    rows = read_rows(out)
     assert sorted(Path(r["path"]).name for r in rows) == names  # every file, exactly once
     assert all(r["label"] and not r["error"] for r in rows)
     assert s.processed == 40 and s.errors == 0
@@ -129,27 +124,13 @@ def test_a_killed_client_rerun_writes_each_case_once(cluster, tmp_path: Path) ->
            "--model", str(cxr_bundle().path), "--batch-size", "2", "--no-progress",
            "--cluster", cluster.scheduler_address]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    rows_at_kill = 0
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists():
-                rows_at_kill = max(0, out.read_bytes().count(b"\n") - 1)
-                if rows_at_kill >= 2:
-                    break
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc, rows_at_kill = kill_after_rows(cmd, out, env, deadline_s=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert 2 <= rows_at_kill < 40
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "already in res.csv" in done.stdout
-    rows = _rows(out)
+    rows = read_rows(out)
     assert sorted(Path(r["path"]).name for r in rows) == names  # each file exactly once
     assert all(r["label"] and not r["error"] for r in rows)
 

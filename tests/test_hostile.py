@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _bundles import ct_volume, cxr_bundle, cxr_phantom, write_ct_series, write_dicom, write_png
+from _classify import read_rows
 
 from kdviewer.errors import BundleError, CorruptImageError, ImageError, ImageTooLargeError
 
@@ -184,11 +185,6 @@ def _digests(root: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_BACKTRACE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "kdviewer.cli", *args], capture_output=True, text=True,
@@ -214,7 +210,7 @@ def _check_run(
 ) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    rows = _rows(out)
+    rows = read_rows(out)
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths)), "a file has more than one row"
     files = [p for p in corpus_root.rglob("*") if p.is_file()]
@@ -260,12 +256,12 @@ def test_corpus_in_process_one_row_per_file_typed_errors_nothing_changed(
             "--json", str(tmp_path / "out" / "res.jsonl"))
     proc = _cli(*args)
     _check_run(root, notable, out, proc)
-    n = len(_rows(out))
+    n = len(read_rows(out))
     again = _cli(*args)  # exactly once: a rerun finds every row, whitespace names included
     assert again.returncode == 0 and "Traceback" not in again.stderr
-    assert len(_rows(out)) == n
+    assert len(read_rows(out)) == n
     jsonl = [json.loads(line) for line in (tmp_path / "out" / "res.jsonl").read_text().splitlines()]
-    assert sorted(r["path"] for r in jsonl) == sorted(r["path"] for r in _rows(out))
+    assert sorted(r["path"] for r in jsonl) == sorted(r["path"] for r in read_rows(out))
     assert _digests(root) == before  # no file outside the output changed
 
 
@@ -312,13 +308,13 @@ def test_panic_in_a_decoder_process_is_that_rows_error(bundle: Path, tmp_path: P
     write_png(folder / "b_good.png", cxr_phantom(np.random.default_rng(1), False)[0])
     write_png(folder / "c_good.png", cxr_phantom(np.random.default_rng(2), True)[0])
     s = run_batch(folder, bundle, tmp_path / "r.csv", workers=2)
-    rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "r.csv")}
+    rows = {Path(r["path"]).name: r for r in read_rows(tmp_path / "r.csv")}
     assert s.errors == 1 and len(rows) == 3
     assert "decoder failed" in rows["a_bad.dcm"]["error"] and "Pickling" not in rows["a_bad.dcm"]["error"]
     # the resume where the bad file is the last case left (in-process) no longer crashes
     out2 = tmp_path / "r2.csv"
     run_batch(folder, bundle, out2, workers=0, cases=None)
-    assert len(_rows(out2)) == 3
+    assert len(read_rows(out2)) == 3
 
 
 # ------------------------------------------------------------------ items 2 and 4: geometry, memory
@@ -342,7 +338,7 @@ def test_absurd_geometry_refused_at_load_and_a_heatmap_failure_costs_one_heatmap
     blocked = heat / f"good.png.{hashlib.sha1(str(good).encode()).hexdigest()[:8]}.png"
     blocked.mkdir(parents=True)
     s = run_batch(folder, bundle, tmp_path / "r.csv", heatmaps_dir=heat, workers=0)
-    rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "r.csv")}
+    rows = {Path(r["path"]).name: r for r in read_rows(tmp_path / "r.csv")}
     assert s.processed == 3 and not s.cancelled
     assert rows["good.png"]["label"] and rows["good.png"]["heatmap"] == ""
     assert Path(rows["other.png"]["heatmap"]).is_file()
@@ -627,7 +623,7 @@ def test_jsonl_catches_up_rows_written_to_the_csv_only(bundle: Path, tmp_path: P
     jl.write_text("\n".join(lines[:-1]) + "\n")  # the kill came between the CSV and the JSONL write
     run_batch(folder, bundle, out, json_out=jl, workers=0)
     paths = [json.loads(x)["path"] for x in jl.read_text().splitlines()]
-    assert sorted(paths) == sorted(r["path"] for r in _rows(out)) and len(paths) == 3
+    assert sorted(paths) == sorted(r["path"] for r in read_rows(out)) and len(paths) == 3
 
 
 def test_stale_checkpoint_temporaries_are_removed(tmp_path: Path) -> None:
@@ -705,14 +701,14 @@ def test_deidentify_relative_paths_and_consistent_pseudonyms(
     uid = str(pydicom.dcmread(dcm).StudyInstanceUID)
     for out in ("a.csv", "b.csv"):
         run_batch(folder, bundle, tmp_path / out, workers=0, deidentify=True)
-    a, b = _rows(tmp_path / "a.csv"), _rows(tmp_path / "b.csv")
+    a, b = read_rows(tmp_path / "a.csv"), read_rows(tmp_path / "b.csv")
     text = (tmp_path / "a.csv").read_text()
     assert uid not in text and str(folder) not in text and "DOE_JANE" not in text
     assert sorted(r["path"] for r in a) == ["cr.dcm", "ct"]
     assert [r["study_uid"] for r in a] == [r["study_uid"] for r in b]
     assert a[0]["study_uid"].startswith("2.25.")
     run_batch(folder, bundle, tmp_path / "a.csv", workers=0, deidentify=True)  # resume: nothing new
-    assert len(_rows(tmp_path / "a.csv")) == 2
+    assert len(read_rows(tmp_path / "a.csv")) == 2
 
 
 def test_recorded_training_paths_are_redacted() -> None:

@@ -3,7 +3,6 @@ gives the same answer as the same pixels saved as PNG."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from _classify import read_rows
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -24,11 +24,6 @@ from kdviewer.models.bundle import default_bundle_path, demo_bundle_path, open_b
 ROOT = Path(__file__).resolve().parents[1]
 KERMANY = ROOT.parent / "shared" / "data" / "kermany-cxr224"
 DEFAULT = ROOT / "resources" / "models" / "kermany_cxr"
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
-
 
 needs_bundle = pytest.mark.skipif(
     not (DEFAULT / "manifest.json").is_file(), reason="default bundle not built"
@@ -92,7 +87,7 @@ def _dicom(
 @needs_bundle
 @needs_data
 def test_dicom_radiograph_gives_the_same_answer_as_the_png(tmp_path: Path) -> None:
-    rows = _rows(KERMANY / "labels.csv")
+    rows = read_rows(KERMANY / "labels.csv")
     clf = Classifier(DEFAULT)
     for row in (rows[5], rows[-5]):  # one NORMAL, one PNEUMONIA
         src = KERMANY / row["path"]
@@ -137,7 +132,7 @@ def test_dicom_radiograph_gives_the_same_answer_as_the_png(tmp_path: Path) -> No
 @needs_bundle
 @needs_data
 def test_classify_without_model_uses_the_real_bundle(tmp_path: Path) -> None:
-    rows = _rows(KERMANY / "labels.csv")
+    rows = read_rows(KERMANY / "labels.csv")
     folder = tmp_path / "cases"
     folder.mkdir()
     for row in rows[:2]:
@@ -163,7 +158,7 @@ def test_classify_without_model_uses_the_real_bundle(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    result_rows = _rows(out)
+    result_rows = read_rows(out)
     assert len(result_rows) == 2 and all(r["label"] in ("NORMAL", "PNEUMONIA") for r in result_rows)
     # the real bundle's classes (the synthetic demo's are "normal"/"pneumonia")
     assert {"prob_NORMAL", "prob_PNEUMONIA"} <= set(result_rows[0])
