@@ -397,32 +397,27 @@ def per_label_markdown(table: dict[str, Any]) -> list[str]:
     with the number of val positives of each label."""
     names = table.get("class_names") or []
     support = table.get("support") or [None] * len(names)
-    runs = table["runs"]
-    lines = [
-        "Per-label ROC-AUC on val (bootstrap 95% CI); `pos` = val images with the label:",
-        "",
-        "| label | pos | " + " | ".join(r["name"] for r in runs) + " |",
-        "|---|---|" + "---|" * len(runs),
-    ]
-    for k, n in enumerate(names):
-        cells = [_fmt(r["metrics"].get(f"roc_auc:{n}")) for r in runs]
-        lines.append(f"| {n} | {support[k]} | " + " | ".join(cells) + " |")
-    macro = [_fmt(r["metrics"].get("roc_auc")) for r in runs]
-    lines.append("| **macro** | | " + " | ".join(f"**{c}**" for c in macro) + " |")
-    if table.get("means"):
-        means = table["means"]
-        lines += [
+
+    def auc_table(title: str, columns: list[dict[str, Any]]) -> list[str]:
+        lines = [
+            title,
             "",
-            f"Per-label ROC-AUC on val, mean over {len(table['seeds'])} seeds [min – max]:",
-            "",
-            "| label | pos | " + " | ".join(m["name"] for m in means) + " |",
-            "|---|---|" + "---|" * len(means),
+            "| label | pos | " + " | ".join(c["name"] for c in columns) + " |",
+            "|---|---|" + "---|" * len(columns),
         ]
         for k, n in enumerate(names):
-            cells = [_fmt(m["metrics"].get(f"roc_auc:{n}")) for m in means]
+            cells = [_fmt(c["metrics"].get(f"roc_auc:{n}")) for c in columns]
             lines.append(f"| {n} | {support[k]} | " + " | ".join(cells) + " |")
-        macro = [_fmt(m["metrics"].get("roc_auc")) for m in means]
+        macro = [_fmt(c["metrics"].get("roc_auc")) for c in columns]
         lines.append("| **macro** | | " + " | ".join(f"**{c}**" for c in macro) + " |")
+        return lines
+
+    lines = auc_table(
+        "Per-label ROC-AUC on val (bootstrap 95% CI); `pos` = val images with the label:", table["runs"]
+    )
+    if table.get("means"):
+        title = f"Per-label ROC-AUC on val, mean over {len(table['seeds'])} seeds [min – max]:"
+        lines += ["", *auc_table(title, table["means"])]
     return lines
 
 
