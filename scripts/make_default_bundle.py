@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,28 +50,37 @@ def half_state_dict(src: Path, dst: Path) -> None:
     torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, dst)
 
 
+def stage_deployed(
+    bundle: Path, staged: Path, manifest: dict, copy_weights: Callable[[Path, Path], object] = shutil.copy2
+) -> None:
+    """Copy into ``staged`` what a shipped bundle needs of the run's ``bundle``: the ``COPY`` files, the one
+    student ONNX file the viewer deploys (INT8 where its parity check recommended it, else fp32; the
+    other is dropped from ``manifest``) and the weights of both models through ``copy_weights``."""
+    student = manifest["student"]
+    int8_ok = bool(student.get("onnx_int8")) and manifest.get("int8_parity", {}).get("recommended", 0) >= 1
+    for name in COPY:
+        if (bundle / name).is_file():
+            shutil.copy2(bundle / name, staged / name)
+    if int8_ok:
+        shutil.copy2(bundle / student["onnx_int8"], staged / student["onnx_int8"])
+        student["onnx"] = None
+    else:
+        shutil.copy2(bundle / student["onnx"], staged / student["onnx"])
+        student["onnx_int8"] = None
+    for role in ("student", "teacher"):
+        spec = manifest.get(role) or {}
+        if spec.get("weights"):
+            copy_weights(bundle / spec["weights"], staged / spec["weights"])
+
+
 def install(bundle: Path, target: Path, max_dp: float) -> dict[str, float]:
     from kdviewer.models.bundle import open_bundle
 
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
-    student = manifest["student"]
-    int8_ok = bool(student.get("onnx_int8")) and manifest.get("int8_parity", {}).get("recommended", 0) >= 1
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
         staged = Path(tmp) / target.name
         staged.mkdir()
-        for name in COPY:
-            if (bundle / name).is_file():
-                shutil.copy2(bundle / name, staged / name)
-        if int8_ok:
-            shutil.copy2(bundle / student["onnx_int8"], staged / student["onnx_int8"])
-            manifest["student"]["onnx"] = None
-        else:
-            shutil.copy2(bundle / student["onnx"], staged / student["onnx"])
-            manifest["student"]["onnx_int8"] = None
-        for role in ("student", "teacher"):
-            spec = manifest.get(role) or {}
-            if spec.get("weights"):
-                half_state_dict(bundle / spec["weights"], staged / spec["weights"])
+        stage_deployed(bundle, staged, manifest, half_state_dict)
         refresh_card(manifest, staged)
         open_bundle(staged).close()  # the shipped bundle must open as it is
         drift = weight_drift(bundle, staged)

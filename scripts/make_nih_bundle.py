@@ -38,13 +38,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # training/kdviewer, and make_default_bundle's staging
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from make_default_bundle import stage_deployed  # noqa: E402
 
 RECIPE = ROOT / "training" / "recipes" / "nih_cxr14.yaml"
 TARGET = ROOT / "runs" / "models" / "nih_cxr14"
 STUDENT_CAM_LAYER, TEACHER_CAM_LAYER = "blocks.10", "blocks.14"
-COPY = ("manifest.json", "model_card.md", "evaluation.json", "history.json", "ood.npz")
 
 
 def f1_threshold(p: np.ndarray, y: np.ndarray) -> float:
@@ -98,25 +100,11 @@ def install(bundle: Path, target: Path, thresholds: dict[str, float]) -> None:
     from training.export import _model_card
 
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
-    student = manifest["student"]
-    int8_ok = bool(student.get("onnx_int8")) and manifest.get("int8_parity", {}).get("recommended", 0) >= 1
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         staged = Path(tmp) / target.name
         staged.mkdir()
-        for name in COPY:
-            if (bundle / name).is_file():
-                shutil.copy2(bundle / name, staged / name)
-        if int8_ok:
-            shutil.copy2(bundle / student["onnx_int8"], staged / student["onnx_int8"])
-            manifest["student"]["onnx"] = None
-        else:
-            shutil.copy2(bundle / student["onnx"], staged / student["onnx"])
-            manifest["student"]["onnx_int8"] = None
-        for role in ("student", "teacher"):
-            spec = manifest.get(role) or {}
-            if spec.get("weights"):
-                shutil.copy2(bundle / spec["weights"], staged / spec["weights"])
+        stage_deployed(bundle, staged, manifest)  # weights as they are (fp32: see the docstring)
         # Grad-CAM on the last stride-16 block (4 x 4 at 64 px, the maps attention transfer aligns) instead of
         # the head (stride 32: 2 x 2, where Grad-CAM of a weak finding is often all zero after the ReLU)
         manifest["student"]["target_layer"] = STUDENT_CAM_LAYER
