@@ -193,8 +193,8 @@ def test_teacher_cache_equals_recomputation(phantoms):
     from kdviewer.models.manifest import Preprocessing
     from training.config import DataConfig, KDConfig
     from training.data import build_datasets, discover
-    from training.engine import build_teacher_cache, teacher_record
     from training.losses import FeatureHooks, build_combiner
+    from training.teacher_cache import build_teacher_cache, teacher_record
     from training.zoo import create_model
 
     pre = Preprocessing(input_size=32, resize=32)

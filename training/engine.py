@@ -79,7 +79,6 @@ from training.losses import build_combiner
 from training.run_context import RunContext, RunResult
 from training.stage import _drain, train_stage
 from training.stopping import STOP_FILE, StopMonitor, StopRequested
-from training.teacher_cache import build_teacher_cache, teacher_record
 from training.validation import evaluate
 from training.zoo import create_model
 
@@ -457,12 +456,10 @@ __all__ = [
     "FINISHED_FILE",
     "STOP_FILE",
     "RunResult",
-    "build_teacher_cache",
     "evaluate",
     "iter_events_file",
     "run",
     "select_device",
     "spec_of",
-    "teacher_record",
     "train_stage",
 ]
