@@ -50,3 +50,45 @@ def test_parity_check_catches_a_wrong_file(tmp_path):
         check_parity(other, a, 1, SIZE)
     diffs = check_parity(tiny_model(2, 1, seed=0), a, 1, SIZE)
     assert diffs["max_abs_diff_logits"] < 1e-4
+
+
+def test_evaluate_onnx_gives_the_torch_answers_and_a_sample_of_its_inputs(tmp_path):
+    """The export predicts with the deployed student.onnx: same logits, features and targets as the torch
+    model, the same batches kept for a partial pass, and a sample of the images it saw, with their rows."""
+    from training.evaluate import evaluate_model, evaluate_onnx
+
+    model = tiny_model(2, 1, 0.0)
+    train, val = tiny_loaders(2)
+    train_briefly(model, train, steps=5)
+    model.eval()
+    sess = ort_session(export_onnx(model, tmp_path / "m.onnx", 1, SIZE))
+    names = ["a", "b"]
+    ref = evaluate_model(model, val, names, features=True)
+    out = evaluate_onnx(sess, val, names, features=True, sample=10)
+    for key in ("logits", "probs", "features"):
+        np.testing.assert_allclose(out[key], ref[key], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(out["targets"], ref["targets"])
+    images = torch.cat([x for x, _ in val]).numpy()
+    assert len(out["sample_index"]) == 10 and len(set(out["sample_index"].tolist())) == 10
+    np.testing.assert_array_equal(out["sample_images"], images[out["sample_index"]])
+    # the sample is spread over the split, not its first rows
+    assert out["sample_index"].max() >= 32
+    # a seeded random subset of batches and a cap give the same rows in both runtimes
+    part = dict(keep_fraction=0.5, max_items=40, seed=3)
+    a, b = evaluate_onnx(sess, val, names, **part), evaluate_model(model, val, names, **part)
+    np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)
+    assert len(a["logits"]) <= 40
+
+
+def test_evaluate_model_in_channels_last_gives_the_model_back_as_it_was():
+    from training.evaluate import evaluate_model
+
+    model = tiny_model(2, 1, 0.0).eval()
+    _, val = tiny_loaders(2)
+    ref = evaluate_model(model, val, ["a", "b"])
+    out = evaluate_model(model, val, ["a", "b"], channels_last=True)
+    np.testing.assert_allclose(out["logits"], ref["logits"], atol=1e-4, rtol=1e-4)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(c.weight.is_contiguous() for c in convs)
+    # (the check can fail: a conv left in channels_last is not contiguous)
+    assert not convs[0].to(memory_format=torch.channels_last).weight.is_contiguous()

@@ -20,8 +20,8 @@ Definitions (so numbers from different runs compare):
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import io
 import logging
 import tempfile
 import time
@@ -51,21 +51,20 @@ def _example(model: nn.Module, channels: int, input_size: int) -> torch.Tensor:
 
 def count_flops(model: nn.Module, input_size: int, channels: int) -> int:
     """FLOPs (multiply-add = 2) of one batch-1 forward pass in eval mode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(_example(model, channels, input_size))
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
+    return _forward_counts(model, input_size, channels, activations=False)[0]
 
 
 def activation_bytes(model: nn.Module, input_size: int, channels: int) -> int:
     """Sum of output tensor bytes of all leaf modules in one batch-1 forward pass (eval mode)."""
+    return _forward_counts(model, input_size, channels, flops=False)[1]
+
+
+def _forward_counts(
+    model: nn.Module, input_size: int, channels: int, *, flops: bool = True, activations: bool = True
+) -> tuple[int, int]:
+    """(FLOPs, activation bytes) of one batch-1 forward pass in eval mode: both from the same pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     total = 0
 
     def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
@@ -75,23 +74,26 @@ def activation_bytes(model: nn.Module, input_size: int, channels: int) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    leaves = [m for m in model.modules() if not list(m.children())] if activations else []
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with counter, torch.no_grad():
             model(_example(model, channels, input_size))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return int(total)
+    return (int(counter.get_total_flops()) if flops else 0), int(total)  # type: ignore[union-attr]
 
 
 def state_dict_bytes(model: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
+    """Bytes of the weights and buffers (what ``torch.save`` of the state dict writes, less its few
+    kilobytes of pickle framing), counted without serialising them."""
+    return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()
+                   if isinstance(t, torch.Tensor)))
 
 
 def round_robin_latency(
@@ -143,10 +145,11 @@ def _ort_runner(path: str | Path, x: np.ndarray, threads: int) -> Callable[[], A
 
 def static_complexity(model: nn.Module, input_size: int, channels: int) -> dict[str, float]:
     """Params, GFLOPs, activation memory and weight size (no timing)."""
+    flops, act = _forward_counts(model, input_size, channels)
     return {
         "params": count_params(model),
-        "gflops": count_flops(model, input_size, channels) / 1e9,
-        "activation_mb": activation_bytes(model, input_size, channels) / MIB,
+        "gflops": flops / 1e9,
+        "activation_mb": act / MIB,
         "state_dict_mb": state_dict_bytes(model) / MIB,
     }
 

@@ -59,21 +59,26 @@ def evaluate_model(
     max_items: int | None = None,
     keep_fraction: float = 1.0,
     seed: int = 0,
+    channels_last: bool = False,
+    sample: int = 0,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` (eval mode, no grad) over ``loader``.
 
     Returns {"logits" (N, K), "probs" (N, K), "targets" ((N,) int64 or (N, K) float32)} plus
     "features" (N, D) when ``features`` is set. ``probs`` use ``temperature``. ``keep_fraction`` < 1
     evaluates a seeded random subset of the *batches* (an unbiased sample of a large, possibly
-    class-ordered loader at a fraction of the cost); ``max_items`` stops after that many items. The
-    model's training flag is restored afterwards.
+    class-ordered loader at a fraction of the cost); ``max_items`` stops after that many items.
+    ``channels_last`` runs it in that memory format (faster convolutions on CPUs; the model is given
+    back in the default format). ``sample`` > 0 also keeps a uniform random sample of that many of the
+    evaluated input images: "sample_images" (M, C, S, S) float32 and their row numbers "sample_index".
+    The model's training flag is restored afterwards.
     """
     import torch
 
-    from training.calibration import probabilities
     from training.placement import Placement
 
-    place = Placement(torch.device(device))  # the model and every batch on one device, fp32
+    # the model and every batch on one device, fp32
+    place = Placement(torch.device(device), channels_last=channels_last)
     model = place.model(model)
     grabbed: list[torch.Tensor] = []
     handle = None
@@ -85,41 +90,103 @@ def evaluate_model(
         handle = _head_module(model).register_forward_pre_hook(grab)
     was_training = model.training
     model.eval()
-    logits_l, targets_l = [], []
-    seen = 0
+
+    def forward(x: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        out = model(place.inputs(x)).detach().float().cpu().numpy()
+        return out, (grabbed.pop().numpy() if features else None)
+
     try:
         with torch.inference_mode():
-            rng = np.random.default_rng(seed)
-            for batch in loader:
-                if keep_fraction < 1.0 and rng.random() >= keep_fraction:
-                    continue
-                x, y = place.inputs(batch[0]), batch[1]
-                out = model(x)
-                logits_l.append(out.detach().float().cpu())
-                targets_l.append(torch.as_tensor(y).cpu())
-                seen += len(x)
-                if max_items is not None and seen >= max_items:
-                    break
+            return _predict(
+                forward, loader, class_names, task, temperature, max_items, keep_fraction, seed, sample
+            )
     finally:
         if handle is not None:
             handle.remove()
         model.train(was_training)
+        if channels_last:
+            Placement(torch.device(device)).model(model)
+
+
+def evaluate_onnx(
+    session: Any,
+    loader: Iterable,
+    class_names: Sequence[str],
+    task: str = "single-label",
+    *,
+    features: bool = False,
+    temperature: float = 1.0,
+    max_items: int | None = None,
+    keep_fraction: float = 1.0,
+    seed: int = 0,
+    sample: int = 0,
+) -> dict[str, np.ndarray]:
+    """`evaluate_model` for an exported student (`kdviewer.models.onnx_export`: outputs "logits" and
+    "features") in an ONNX Runtime ``session``: the file the viewer deploys, at ORT's speed."""
+    name = session.get_inputs()[0].name
+    outputs = ["logits", "features"] if features else ["logits"]
+
+    def forward(x: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        res = session.run(outputs, {name: np.ascontiguousarray(arr, dtype=np.float32)})
+        return res[0], (res[1] if features else None)
+
+    return _predict(forward, loader, class_names, task, temperature, max_items, keep_fraction, seed, sample)
+
+
+def _predict(
+    forward: Any,
+    loader: Iterable,
+    class_names: Sequence[str],
+    task: str,
+    temperature: float,
+    max_items: int | None,
+    keep_fraction: float,
+    seed: int,
+    sample: int,
+) -> dict[str, np.ndarray]:
+    """The loop of `evaluate_model` / `evaluate_onnx`: ``forward(images) -> (logits, features | None)``."""
+    from training.calibration import probabilities
+    from training.quantize import Reservoir
+
+    logits_l: list[np.ndarray] = []
+    feats_l: list[np.ndarray] = []
+    targets_l: list[np.ndarray] = []
+    reservoir = Reservoir(sample, seed) if sample > 0 else None
+    seen = 0
+    rng = np.random.default_rng(seed)
+    for batch in loader:
+        if keep_fraction < 1.0 and rng.random() >= keep_fraction:
+            continue
+        x, y = batch[0], batch[1]
+        lo, fe = forward(x)
+        logits_l.append(np.asarray(lo, dtype=np.float32))
+        if fe is not None:
+            feats_l.append(np.asarray(fe, dtype=np.float32).reshape(len(lo), -1))
+        targets_l.append(y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y))
+        if reservoir is not None:
+            reservoir.add(x)
+        seen += len(lo)
+        if max_items is not None and seen >= max_items:
+            break
     if not logits_l:
         raise ValueError("the evaluation loader yielded no batches")
-    logits = torch.cat(logits_l).numpy().astype(np.float32)
-    targets = torch.cat(targets_l).numpy()
+    logits = np.concatenate(logits_l)
+    targets = np.concatenate(targets_l)
     targets = targets.astype(np.float32) if task == "multi-label" else targets.astype(np.int64).reshape(-1)
     if logits.shape[1] != len(class_names):
         raise ValueError(f"model returns {logits.shape[1]} logits but there are {len(class_names)} classes")
+    n = len(logits) if max_items is None else min(len(logits), max_items)
     out: dict[str, np.ndarray] = {
-        "logits": logits,
-        "probs": probabilities(logits, task, temperature).astype(np.float32),
-        "targets": targets,
+        "logits": logits[:n],
+        "probs": probabilities(logits[:n], task, temperature).astype(np.float32),
+        "targets": targets[:n],
     }
-    if features:
-        out["features"] = torch.cat(grabbed).numpy().astype(np.float32)
-    if max_items is not None:
-        out = {k: v[:max_items] for k, v in out.items()}
+    if feats_l:
+        out["features"] = np.concatenate(feats_l)[:n]
+    if reservoir is not None:
+        index, images = reservoir.result(limit=n)
+        out["sample_index"], out["sample_images"] = index, images
     return out
 
 

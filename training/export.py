@@ -3,17 +3,20 @@
 `export_bundle` is called by the engine with the trained student (and teacher) and the run's
 loaders. In order, it:
 
-1. evaluates student and teacher on val (and test when given): logits, features, labels;
-2. fits the calibration temperature on the student's *val* logits (ECE before/after);
-3. computes metrics with bootstrap 95% CIs from temperature-scaled probabilities on the held-out
-   split reported in the manifest (``metrics_split`` = "test" when a test loader is given, else
-   "val"; temperature scaling changes neither arg-max labels nor binary/per-label AUCs);
-4. writes ``student.pt`` / ``teacher.pt`` (CPU state dicts), ``student.onnx`` (verified against
-   torch) and ``student.int8.onnx`` (static QDQ quantization calibrated on TRAINING images, INT8 vs
-   fp32 parity on val images -> ``manifest.int8_parity``);
-5. fits the OOD guard on training-image features (``ood.npz``; threshold = 99th percentile of the
+1. writes ``student.pt`` / ``teacher.pt`` (CPU state dicts) and ``student.onnx`` (verified against
+   torch), the file the viewer deploys;
+2. evaluates the student (``student.onnx`` in ONNX Runtime: logits and features) and the teacher (torch,
+   as the viewer runs it) on val (and test when given);
+3. fits the calibration temperature on the student's *val* logits (ECE before/after) and computes
+   metrics with bootstrap 95% CIs from temperature-scaled probabilities on the held-out split reported
+   in the manifest (``metrics_split`` = "test" when a test loader is given, else "val"; temperature
+   scaling changes neither arg-max labels nor binary/per-label AUCs);
+4. fits the OOD guard on training-image features (``ood.npz``; threshold = 99th percentile of the
    val scores), sets the student/teacher disagreement threshold from val (95th percentile of the
    total-variation distance, clipped to [0.1, 0.5]; default 0.25 without a teacher);
+5. writes ``student.int8.onnx`` (static QDQ quantization calibrated on TRAINING images sampled in the
+   OOD pass, INT8 vs fp32 parity on a sample of val images kept by the prediction pass ->
+   ``manifest.int8_parity``);
 6. measures complexity (params, GFLOPs, activation memory, latency torch/ORT/INT8 for student and
    teacher);
 7. writes ``manifest.json`` (validated), ``evaluation.json`` and ``history.json`` (everything the
@@ -56,13 +59,13 @@ HISTORY_FILE = "history.json"
 #: The export's substages, in order; ``progress`` is called with each name as it starts (the engine turns
 #: them into ``progress`` events) and ``manifest.training.export_timings_s`` holds their seconds.
 EXPORT_PHASES = (
-    "predictions",  # student (+ features) and teacher on val/test
+    "onnx",  # weights + student.onnx (verified against torch)
+    "predictions",  # student (student.onnx in ONNX Runtime, + features) and teacher (torch) on val/test
     "calibration",  # temperature scaling on val
     "bootstrap",  # metrics with bootstrap 95% CIs
-    "onnx",  # weights + student.onnx (verified against torch)
+    "ood",  # OOD statistics of training features (the same pass samples the INT8 calibration images)
     "int8",  # static INT8 quantization calibrated on training images
     "parity",  # INT8 vs fp32 on held-out images
-    "ood",  # OOD statistics of training features
     "latency",  # complexity: params, GFLOPs, latency torch / ORT / INT8
     "report",  # manifest, evaluation, model card, HTML report
 )
@@ -325,12 +328,6 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _collect(loader: Iterable, max_items: int) -> np.ndarray:
-    from training.quantize import calibration_images
-
-    return calibration_images(loader, max_items)
-
-
 def _count(loader: Any) -> int | None:
     try:
         return len(loader.dataset)
@@ -414,25 +411,43 @@ def export_bundle(
             progress(name)
 
     try:
-        # 1. predictions --------------------------------------------------------------------------
+        # 1. weights and ONNX: the student the viewer runs, also what the predictions below come from --
+
+        _phase("onnx")
+        from kdviewer.models.architectures import spec_of
+        from kdviewer.models.onnx_export import export_onnx, ort_session
+        from training.evaluate import evaluate_onnx
+
+        cpu_student = Placement.cpu().model(student)
+        cpu_teacher = Placement.cpu().model(teacher) if teacher is not None else None
+        torch.save({k: v.detach().cpu() for k, v in cpu_student.state_dict().items()}, tmp / "student.pt")
+        if cpu_teacher is not None:
+            torch.save({k: v.detach().cpu() for k, v in cpu_teacher.state_dict().items()}, tmp / "teacher.pt")
+        onnx_path = export_onnx(cpu_student, tmp / "student.onnx", pre.channels, pre.input_size)
+        session = ort_session(onnx_path, threads)
+
+        # 2. predictions: the deployed student.onnx (verified against torch above) and the torch teacher,
+        # as the viewer runs them; val keeps a random sample of its images for the INT8 parity check
         _phase("predictions")
         splits: dict[str, Iterable] = {"val": val_loader}
         if test_loader is not None:
             splits["test"] = test_loader
         s_out = {
-            k: evaluate_model(student, ld, class_names, task, device, features=True)
+            k: evaluate_onnx(session, ld, class_names, task, features=True,
+                             sample=parity_size if quantize and k == "val" else 0)
             for k, ld in splits.items()
         }
         t_out = (
-            {k: evaluate_model(teacher, ld, class_names, task, device) for k, ld in splits.items()}
+            {k: evaluate_model(teacher, ld, class_names, task, device, channels_last=True)
+             for k, ld in splits.items()}
             if teacher is not None
             else {}
         )
-        # 2. calibration on val -------------------------------------------------------------------
+        # 3. calibration on val -------------------------------------------------------------------
         _phase("calibration")
         cal = calibrate(s_out["val"]["logits"], s_out["val"]["targets"], task)
         temp = float(cal["temperature"])
-        # 3. metrics with CIs ---------------------------------------------------------------------
+        # 4. metrics with CIs ---------------------------------------------------------------------
         _phase("bootstrap")
         metrics_split = "test" if "test" in splits else "val"
         evaluation: dict[str, Any] = {"student": {}, "teacher": {}, "metrics_split": metrics_split}
@@ -465,60 +480,24 @@ def export_bundle(
                 "threshold": disagreement,
             }
 
-        # 4. weights, ONNX, INT8 ------------------------------------------------------------------
-
-        _phase("onnx")
-        from kdviewer.models.architectures import spec_of
-        from kdviewer.models.onnx_export import export_onnx
-
-        cpu_student = Placement.cpu().model(student)
-        cpu_teacher = Placement.cpu().model(teacher) if teacher is not None else None
-        torch.save({k: v.detach().cpu() for k, v in cpu_student.state_dict().items()}, tmp / "student.pt")
-        if cpu_teacher is not None:
-            torch.save({k: v.detach().cpu() for k, v in cpu_teacher.state_dict().items()}, tmp / "teacher.pt")
-        onnx_path = export_onnx(cpu_student, tmp / "student.onnx", pre.channels, pre.input_size)
-        int8_name: str | None = None
-        int8_parity: dict[str, float] = {}
-        training_notes: dict[str, Any] = {}
-        _phase("int8")
-        if quantize:
-            from training.quantize import int8_parity as parity_fn
-            from training.quantize import quantize_onnx
-
-            try:
-                cal_images = _collect(train_loader, calibration_size)
-                quantize_onnx(onnx_path, tmp / "student.int8.onnx", cal_images)
-                _phase("parity")
-                held_out = _collect(val_loader, parity_size)
-                # latency of both files: measured once, with the complexity table when there is one
-                int8_parity = parity_fn(
-                    onnx_path, tmp / "student.int8.onnx", held_out, task, temp, threads=threads,
-                    runs=0 if complexity else latency_runs,
-                )
-                int8_name = "student.int8.onnx"
-            except Exception as exc:  # INT8 is optional: record why it is missing
-                log.warning("INT8 quantization failed: %s", exc)
-                training_notes["int8_error"] = f"{type(exc).__name__}: {exc}"
-                (tmp / "student.int8.onnx").unlink(missing_ok=True)
-        _phase("parity")  # (no-op when it ran above, or without INT8)
-
-        # 5. OOD statistics -----------------------------------------------------------------------
+        # 5. OOD statistics of training features; the same pass samples the INT8 calibration images ----
 
         _phase("ood")
         from kdviewer.inference.ood import fit_ood_stats, ood_scores, save_ood_stats, threshold_from_scores
 
         n_train = _count(train_loader)
         keep = 1.0 if not n_train else min(1.0, 1.2 * ood_max_train / n_train)
-        train_feats = evaluate_model(
-            student,
+        train_out = evaluate_onnx(
+            session,
             train_loader,
             class_names,
             task,
-            device,
             features=True,
             max_items=ood_max_train,
             keep_fraction=keep,
-        )["features"]
+            sample=calibration_size if quantize else 0,
+        )
+        train_feats = train_out["features"]
         ood_spec = None
         if len(train_feats) >= 2:
             stats = fit_ood_stats(train_feats)
@@ -539,7 +518,34 @@ def export_bundle(
                 "val_scores_sample": [round(float(v), 3) for v in val_scores[:2000]],
             }
 
-        # 6. complexity ---------------------------------------------------------------------------
+        # 6. INT8 -----------------------------------------------------------------------------------
+
+        int8_name: str | None = None
+        int8_parity: dict[str, float] = {}
+        training_notes: dict[str, Any] = {}
+        _phase("int8")
+        if quantize:
+            from training.quantize import int8_parity as parity_fn
+            from training.quantize import quantize_onnx
+
+            try:
+                quantize_onnx(onnx_path, tmp / "student.int8.onnx", train_out["sample_images"])
+                _phase("parity")
+                held_out = s_out["val"]["sample_images"]
+                # latency of both files: measured once, with the complexity table when there is one
+                int8_parity = parity_fn(
+                    session, tmp / "student.int8.onnx", held_out, task, temp, threads=threads,
+                    runs=0 if complexity else latency_runs,
+                    fp32_logits=s_out["val"]["logits"][s_out["val"]["sample_index"]],
+                )
+                int8_name = "student.int8.onnx"
+            except Exception as exc:  # INT8 is optional: record why it is missing
+                log.warning("INT8 quantization failed: %s", exc)
+                training_notes["int8_error"] = f"{type(exc).__name__}: {exc}"
+                (tmp / "student.int8.onnx").unlink(missing_ok=True)
+        _phase("parity")  # (no-op when it ran above, or without INT8)
+
+        # 7. complexity ---------------------------------------------------------------------------
 
         _phase("latency")
         from training.complexity import compare_student_teacher, static_complexity
@@ -586,7 +592,7 @@ def export_bundle(
             int8_parity = recommend_int8(int8_parity)
         evaluation["int8_parity"] = int8_parity
 
-        # 7. manifest and human-readable files ----------------------------------------------------
+        # 8. manifest and human-readable files ----------------------------------------------------
 
         _phase("report")
         s_spec = spec_of(cpu_student)

@@ -34,6 +34,35 @@ AGREEMENT_MIN = 0.98
 MAX_DP_MAX = 0.1
 
 
+class Reservoir:
+    """A uniform random sample of up to ``size`` images from batches seen one after another
+    (reservoir sampling), kept as float32 copies with their running index."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = int(size)
+        self.rng = np.random.default_rng(seed)
+        self.items: list[tuple[int, np.ndarray]] = []
+        self.seen = 0
+
+    def add(self, images: Any) -> None:
+        arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+        for img in arr:
+            if len(self.items) < self.size:
+                self.items.append((self.seen, np.array(img, dtype=np.float32)))
+            else:
+                j = int(self.rng.integers(0, self.seen + 1))
+                if j < self.size:
+                    self.items[j] = (self.seen, np.array(img, dtype=np.float32))
+            self.seen += 1
+
+    def result(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(indices (M,) int64, images (M, C, S, S)) in the order seen; ``limit`` drops indices >= it."""
+        kept = sorted(t for t in self.items if limit is None or t[0] < limit)
+        if not kept:
+            return np.zeros(0, dtype=np.int64), np.zeros((0,), dtype=np.float32)
+        return np.array([i for i, _ in kept], dtype=np.int64), np.stack([img for _, img in kept])
+
+
 def calibration_images(
     loader: Iterable, max_images: int = 128, seed: int = 0, max_scan: int = 50_000
 ) -> np.ndarray:
@@ -43,26 +72,14 @@ def calibration_images(
     most ``max_scan`` images, so that a loader ordered by class still gives a sample of every class.
     The sample keeps the loader's order.
     """
-    rng = np.random.default_rng(seed)
-    reservoir: list[tuple[int, np.ndarray]] = []
-    seen = 0
+    reservoir = Reservoir(max_images, seed)
     for batch in loader:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-        for img in arr:
-            if len(reservoir) < max_images:
-                reservoir.append((seen, np.array(img, dtype=np.float32)))
-            else:
-                j = int(rng.integers(0, seen + 1))
-                if j < max_images:
-                    reservoir[j] = (seen, np.array(img, dtype=np.float32))
-            seen += 1
-        if seen >= max_scan:
+        reservoir.add(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        if reservoir.seen >= max_scan:
             break
-    if not reservoir:
+    if not reservoir.items:
         raise ValueError("the calibration loader yielded no images")
-    reservoir.sort(key=lambda t: t[0])
-    return np.stack([img for _, img in reservoir])
+    return reservoir.result()[1]
 
 
 class _ArrayReader:
@@ -151,8 +168,8 @@ def run_onnx(sess: Any, images: np.ndarray, batch_size: int = 64) -> tuple[np.nd
 
 
 def int8_parity(
-    fp32_path: str | Path,
-    int8_path: str | Path,
+    fp32: Any,
+    int8: Any,
     images: np.ndarray,
     task: str = "single-label",
     temperature: float = 1.0,
@@ -160,17 +177,26 @@ def int8_parity(
     threads: int = 2,
     runs: int = 20,
     warmup: int = 3,
+    fp32_logits: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Compare INT8 and fp32 ONNX probabilities on held-out ``images``; see the module docstring.
 
-    ``runs`` <= 0 leaves out the latencies (and ``speedup``/``recommended``): `recommend_int8` adds
-    them once the caller has timed the files (`int8_latency`)."""
+    ``fp32`` / ``int8`` are ONNX files or ORT sessions of them. ``fp32_logits``: the fp32 model's
+    logits of ``images`` when the caller has them already (the export's prediction pass): fp32 is then
+    not run again. ``runs`` <= 0 leaves out the latencies (and ``speedup``/``recommended``):
+    `recommend_int8` adds them once the caller has timed the files (`int8_latency`)."""
     from kdviewer.models.onnx_export import ort_session
     from training.calibration import probabilities
 
     images = np.asarray(images, dtype=np.float32)
-    s32, s8 = ort_session(fp32_path, threads), ort_session(int8_path, threads)
-    p32 = probabilities(run_onnx(s32, images)[0], task, temperature)
+    s8 = ort_session(int8, threads) if isinstance(int8, (str, Path)) else int8
+    s32 = None
+    if fp32_logits is None or runs > 0:
+        s32 = ort_session(fp32, threads) if isinstance(fp32, (str, Path)) else fp32
+    logits32 = run_onnx(s32, images)[0] if fp32_logits is None else np.asarray(fp32_logits, dtype=np.float32)
+    if len(logits32) != len(images):
+        raise ValueError(f"{len(logits32)} fp32 logits for {len(images)} images")
+    p32 = probabilities(logits32, task, temperature)
     p8 = probabilities(run_onnx(s8, images)[0], task, temperature)
     diff = np.abs(p8 - p32)
     if task == "multi-label":
