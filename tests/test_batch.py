@@ -285,3 +285,45 @@ def test_batch_and_predict_give_the_same_answer(mixed: Path, tmp_path: Path) -> 
         for c, p in zip(clf.class_names, pred.probabilities, strict=True):
             assert abs(float(rows[name][f"prob_{c}"]) - float(p)) < 1e-5, (name, c)
         assert rows[name]["label"] == pred.label
+
+
+def test_decoders_fork_from_the_main_thread_and_spawn_from_others(mixed: Path, tmp_path: Path) -> None:
+    """The command line's decoders are forked (they start with the modules loaded); a batch run from
+    another thread (the GUI's QThread in a Qt process, which must not be forked) spawns them, and both
+    give the same rows."""
+    from kdviewer.batch import _decoder_context
+
+    expected = "fork" if sys.platform.startswith("linux") else "spawn"
+    assert _decoder_context().get_start_method() == expected
+    seen: dict[str, str] = {}
+    side: dict[str, object] = {}
+
+    def in_thread() -> None:
+        seen["method"] = _decoder_context().get_start_method()
+        side["summary"] = run_batch(mixed, cxr_bundle().path, tmp_path / "thread.csv", workers=2)
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join(600)
+    assert seen["method"] == "spawn"
+    run_batch(mixed, cxr_bundle().path, tmp_path / "main.csv", workers=2)
+
+    def answers(path: Path) -> dict[str, tuple[str, str]]:
+        return {r["path"]: (r["label"], r["error"]) for r in read_rows(path)}
+
+    assert answers(tmp_path / "thread.csv") == answers(tmp_path / "main.csv")
+    assert len(answers(tmp_path / "main.csv")) == 8
+
+
+def test_batch_inference_does_not_spin_beside_its_decoders(mixed: Path) -> None:
+    from kdviewer.inference.predict import Classifier
+
+    def spinning(clf: Classifier) -> str:
+        opts = clf.student.session.get_session_options()  # type: ignore[attr-defined]
+        try:
+            return opts.get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # not set: ORT's default, spinning
+            return "1"
+
+    assert spinning(Classifier(cxr_bundle().path)) == "1"  # the viewer: ORT's default
+    assert spinning(Classifier(cxr_bundle().path, spin=False)) == "0"

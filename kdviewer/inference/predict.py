@@ -231,6 +231,8 @@ class Classifier:
         threads: ONNX Runtime intra-op threads.
         load_teacher: build the teacher now (otherwise on the first `compare`).
         device: torch device for the teacher and saliency ("auto": cuda > mps > cpu).
+        spin: let ONNX Runtime's threads spin-wait between operators (its default, fastest alone);
+            False when other busy processes share the cores (`kdviewer.batch`'s decoders).
     """
 
     def __init__(
@@ -240,7 +242,9 @@ class Classifier:
         threads: int = 2,
         load_teacher: bool = False,
         device: str = "cpu",
+        spin: bool = True,
     ) -> None:
+        self.spin = spin
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.manifest = self.bundle.manifest
         self.pre = self.manifest.preprocessing
@@ -274,7 +278,7 @@ class Classifier:
             self.int8 = want_int8
             path = self.bundle.onnx_path(int8=want_int8)
             label = f"onnxruntime {'int8' if want_int8 else 'fp32'} {spec.architecture}"
-            return OrtRuntime(path, threads=self.threads, label=label)  # type: ignore[arg-type]
+            return OrtRuntime(path, threads=self.threads, label=label, spin=self.spin)  # type: ignore[arg-type]
         return TorchRuntime(
             self.torch_model("student"), self.device, input_shape=self.input_shape,
             label=f"torch fp32 {spec.architecture}",
