@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -85,6 +86,28 @@ def _engine(tree: Path, args: list[str], log: Path) -> None:
         raise RuntimeError(f"kd-train {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def _for_old_tree(config: Path, tree: Path) -> None:
+    """Drop from the run's ``config.yaml`` the settings the old tree does not know (added since, written at
+    their defaults, e.g. ``data.drop_labels``), as its ``check`` names them, so that it can resume the run."""
+    import yaml
+
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, "-m", "training", "check", str(config)], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    unknown = re.findall(r"^([\w.]+): unknown setting", proc.stdout + proc.stderr, flags=re.M)
+    if not unknown:
+        return
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for dotted in unknown:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key) or {}
+        node.pop(leaf, None)
+    config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    print(f"  (settings unknown to the old tree left out of its config: {', '.join(unknown)})", flush=True)
+
+
 def _timings(run: Path) -> dict:
     manifest = json.loads((run / "bundle" / "manifest.json").read_text(encoding="utf-8"))
     return manifest["training"].get("export_timings_s") or {}
@@ -135,6 +158,9 @@ def main() -> int:
         shutil.copytree(trained, run, ignore=skip)
         log = work / f"{name}.jsonl"
         log.unlink(missing_ok=True)
+        if name == "old":
+            assert old_tree is not None
+            _for_old_tree(run / "config.yaml", old_tree)  # (not timed)
         before = _load()
         t0, cpu0 = time.time(), _children_cpu_s()
         if name == "new":

@@ -71,3 +71,68 @@ def test_student_only_without_export(teacher):
     )
     assert set(res["student"]["latency_ms"]) == {"torch_fp32"}
     assert "ratios" not in res
+
+
+def test_flops_and_activations_on_the_meta_device_match_a_real_forward(monkeypatch):
+    """Counted on a meta copy (no arithmetic); the same numbers as on the model itself, which is used
+    when a layer cannot run on meta, and the model keeps its weights and device."""
+    import training.complexity as cx
+    from kdviewer.models.architectures import build_model
+
+    model = build_model("resnet18", 2, 1)
+    weight = model.conv1.weight.detach().clone()
+    on_meta = cx._forward_counts(model, 64, 1)
+    assert model.conv1.weight.device.type == "cpu" and torch.equal(model.conv1.weight, weight)
+
+    real_copy = cx.copy.deepcopy
+
+    def no_meta(obj, *a, **k):  # a copy whose .to("meta") fails: the real forward counts
+        out = real_copy(obj, *a, **k)
+        out.to = lambda *_a, **_k: (_ for _ in ()).throw(NotImplementedError("no meta"))
+        return out
+
+    monkeypatch.setattr(cx.copy, "deepcopy", no_meta)
+    assert cx._forward_counts(model, 64, 1) == on_meta
+    assert on_meta[0] > 0 and on_meta[1] > 0
+
+
+def test_latency_on_a_busy_machine_takes_one_thread_and_fewer_rounds(monkeypatch):
+    import training.complexity as cx
+
+    student = tiny_model(2, 1)
+    calls: list[dict] = []
+    real = cx.round_robin_latency
+
+    def spy(fns, **kw):
+        calls.append(kw)
+        return real(fns, **kw)
+
+    monkeypatch.setattr(cx, "round_robin_latency", spy)
+    monkeypatch.setattr(cx, "other_cpu_cores", lambda: 1.8)
+    res = compare_student_teacher(student, None, input_size=SIZE, channels=1, export_missing=False,
+                                  runs=20, warmup=3, threads=2, adapt_to_load=True)
+    assert res["settings"]["busy_machine"] is True and res["settings"]["threads"] == 1
+    assert calls[-1]["warmup"] == 1 and calls[-1]["min_runs"] == 2
+    monkeypatch.setattr(cx, "other_cpu_cores", lambda: 0.1)
+    res = compare_student_teacher(student, None, input_size=SIZE, channels=1, export_missing=False,
+                                  runs=5, warmup=1, threads=2, adapt_to_load=True)
+    assert res["settings"]["busy_machine"] is False and res["settings"]["threads"] == 2
+
+
+def test_other_cpu_cores_sees_another_busy_process():
+    import subprocess
+    import sys
+
+    from training.complexity import other_cpu_cores
+
+    if other_cpu_cores() is None:
+        pytest.skip("no /proc/stat here")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert other_cpu_cores(0.5) >= 0.5
+    finally:
+        busy.kill()
+        busy.wait()

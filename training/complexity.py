@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -74,19 +75,35 @@ def _forward_counts(
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
 
-    leaves = [m for m in model.modules() if not list(m.children())] if activations else []
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
-    was_training = model.training
-    model.eval()
+    # Shapes are all that FLOPs and output sizes depend on: a copy on the meta device computes nothing
+    # (a ResNet-50 forward took over a second on a busy machine); the real model only when a layer
+    # cannot run on meta.
     try:
-        with counter, torch.no_grad():
-            model(_example(model, channels, input_size))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return (int(counter.get_total_flops()) if flops else 0), int(total)  # type: ignore[union-attr]
+        meta = copy.deepcopy(model).to("meta")
+        example = torch.empty(1, channels, input_size, input_size, device="meta")
+    except (RuntimeError, NotImplementedError, TypeError):
+        meta = None
+    for net in ([meta] if meta is not None else []) + [model]:
+        total = 0
+        leaves = [m for m in net.modules() if not list(m.children())] if activations else []
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
+        was_training = net.training
+        net.eval()
+        try:
+            with counter, torch.no_grad():
+                net(example if net is meta else _example(net, channels, input_size))
+        except (RuntimeError, NotImplementedError) as exc:
+            if net is not meta:
+                raise
+            log.debug("FLOPs on the meta device failed (%s); counting on the model itself", exc)
+            continue
+        finally:
+            for h in handles:
+                h.remove()
+            net.train(was_training)
+        return (int(counter.get_total_flops()) if flops else 0), int(total)  # type: ignore[union-attr]
+    raise AssertionError("unreachable")
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -94,6 +111,39 @@ def state_dict_bytes(model: nn.Module) -> int:
     kilobytes of pickle framing), counted without serialising them."""
     return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()
                    if isinstance(t, torch.Tensor)))
+
+
+def other_cpu_cores(window_s: float = 0.15) -> float | None:
+    """How many cores other processes kept busy over the next ``window_s`` seconds (Linux: /proc/stat
+    minus this process's own CPU time); None where that cannot be read. A training run of this same
+    process does not count, unlike in the load average."""
+    def sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as fh:
+                fields = [float(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        if len(fields) < 5:
+            return None
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait, in clock ticks
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window_s)
+    second = sample()
+    if second is None:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    wall = second[2] - first[2]
+    others = (second[0] - first[0]) / ticks - (second[1] - first[1])
+    return max(0.0, others / wall) if wall > 0 else None
+
+
+#: Other processes keeping at least this many cores busy make the latency runs a busy-machine measurement.
+BUSY_CORES = 0.5
 
 
 def round_robin_latency(
@@ -166,6 +216,7 @@ def measure_complexity(
     warmup: int = 5,
     static: dict[str, dict[str, float]] | None = None,
     budget_s: float | None = None,
+    min_runs: int = 5,
 ) -> dict[str, dict[str, Any]]:
     """Complexity of each named model (e.g. {"student": s, "teacher": t}), latencies timed together.
 
@@ -192,7 +243,7 @@ def measure_complexity(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        lat = round_robin_latency(fns, runs=runs, warmup=warmup, budget_s=budget_s)
+        lat = round_robin_latency(fns, runs=runs, warmup=warmup, budget_s=budget_s, min_runs=min_runs)
     finally:
         torch.set_num_threads(old_threads)
     for key, ms in lat.items():
@@ -218,8 +269,15 @@ def compare_student_teacher(
     warmup: int = 5,
     static: dict[str, dict[str, float]] | None = None,
     budget_s: float | None = None,
+    adapt_to_load: bool = False,
 ) -> dict[str, Any]:
     """The complexity table of a run: student vs teacher, torch eager vs ORT fp32 vs ORT INT8.
+
+    ``adapt_to_load``: when other processes keep >= `BUSY_CORES` cores busy (`other_cpu_cores`), the
+    latencies are a busy-machine measurement whatever is done; they are then taken with 1 thread (several
+    threads of two processes on the same cores wait on each other at every layer: a ResNet-50 batch-1
+    forward took ~1 s instead of ~60 ms), 1 warm-up and at least 2 rounds, and ``settings`` says so
+    (``busy_other_cores``), so the export stays seconds long on a shared machine.
 
     With ``export_missing`` the student/teacher ONNX files that were not given are exported into a
     temporary folder (and INT8-quantized when ``calibration`` training images are given), so that
@@ -247,29 +305,37 @@ def compare_student_teacher(
                         int8[name] = quantize_onnx(onnx[name], Path(tmp) / f"{name}.int8.onnx", calibration)
                     except Exception as exc:  # a missing INT8 cell is reported, not fatal
                         log.warning("could not quantize %s for timing: %s", name, exc)
+        others = other_cpu_cores() if adapt_to_load else None
+        busy = others is not None and others >= BUSY_CORES
+        if busy:
+            log.info("latency on a busy machine (others use %.1f cores): 1 thread, fewer rounds", others)
         table = measure_complexity(
             models,
             input_size=input_size,
             channels=channels,
             onnx={k: v for k, v in onnx.items() if v and k in models},
             onnx_int8={k: v for k, v in int8.items() if v and k in models},
-            threads=threads,
+            threads=1 if busy else threads,
             runs=runs,
-            warmup=warmup,
+            warmup=min(warmup, 1) if busy else warmup,
             static=static,
             budget_s=budget_s,
+            min_runs=2 if busy else 5,
         )
     result: dict[str, Any] = dict(table)
     result["settings"] = {
         "input_size": input_size,
         "channels": channels,
-        "threads": threads,
+        "threads": 1 if busy else threads,
         "runs": runs,
         "latency_budget_s": budget_s,
         "warmup": warmup,
         "batch": 1,
         "flops_note": "GFLOPs of one batch-1 forward; a multiply-add counts as 2 FLOPs",
     }
+    if others is not None:
+        result["settings"]["other_cpu_cores"] = round(others, 2)
+        result["settings"]["busy_machine"] = busy
     if "teacher" in table:
         s, t = table["student"], table["teacher"]
         ratios: dict[str, float] = {
