@@ -90,3 +90,17 @@ def test_find_bundle_errors_clearly(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no model bundle"):
         find_bundle(tmp_path)
+
+
+def test_latency_note_says_when_it_was_measured_on_a_busy_machine():
+    from training.report import _section_complexity
+
+    def note(settings: dict) -> str:
+        student = {"params": 10, "gflops": 0.1, "latency_ms": {"torch_fp32": 2.0}}
+        table = {"student": student, "settings": settings}
+        return "".join(_section_complexity({"complexity": table}, {}))
+
+    base = {"input_size": 64, "channels": 1, "threads": 2, "runs": 20, "warmup": 2, "latency_budget_s": 1.0}
+    assert "at most 1.0 s" in note(base) and "busy machine" not in note(base)
+    busy = note({**base, "threads": 1, "warmup": 1, "busy_machine": True, "other_cpu_cores": 1.8})
+    assert "Measured on a busy machine</b> (other processes used 1.8 cores)" in busy and "1 threads" in busy

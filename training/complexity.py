@@ -277,7 +277,7 @@ def compare_student_teacher(
     latencies are a busy-machine measurement whatever is done; they are then taken with 1 thread (several
     threads of two processes on the same cores wait on each other at every layer: a ResNet-50 batch-1
     forward took ~1 s instead of ~60 ms), 1 warm-up and at least 2 rounds, and ``settings`` says so
-    (``busy_other_cores``), so the export stays seconds long on a shared machine.
+    (``busy_machine``, ``other_cpu_cores``), so the export stays seconds long on a shared machine.
 
     With ``export_missing`` the student/teacher ONNX files that were not given are exported into a
     temporary folder (and INT8-quantized when ``calibration`` training images are given), so that
@@ -329,7 +329,7 @@ def compare_student_teacher(
         "threads": 1 if busy else threads,
         "runs": runs,
         "latency_budget_s": budget_s,
-        "warmup": warmup,
+        "warmup": min(warmup, 1) if busy else warmup,
         "batch": 1,
         "flops_note": "GFLOPs of one batch-1 forward; a multiply-add counts as 2 FLOPs",
     }

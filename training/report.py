@@ -530,10 +530,14 @@ def _section_complexity(evaluation: dict, manifest: dict) -> list[str]:
     if s:
         parts.append(
             f"<p class='note'>Batch 1, input {s.get('channels')}x{s.get('input_size')}x"
-            f"{s.get('input_size')}, {s.get('threads')} threads, median of {s.get('runs')} runs after "
-            f"{s.get('warmup')} warm-up runs, "
+            f"{s.get('input_size')}, {s.get('threads')} threads, median of up to {s.get('runs')} runs"
+            + (f" (timed for at most {s['latency_budget_s']} s)" if s.get("latency_budget_s") else "")
+            + f" after {s.get('warmup')} warm-up runs, "
             "all runtimes timed round-robin in one process. GFLOPs count a multiply-add as 2 FLOPs. "
-            "Latencies on a shared machine are noisy; compare ratios.</p>"
+            "Latencies on a shared machine are noisy; compare ratios."
+            + (f" <b>Measured on a busy machine</b> (other processes used {s.get('other_cpu_cores')} cores):"
+               " 1 thread, fewer runs." if s.get("busy_machine") else "")
+            + "</p>"
         )
     parity = evaluation.get("int8_parity") or manifest.get("int8_parity") or {}
     if parity:
