@@ -63,7 +63,20 @@ def activation_bytes(model: nn.Module, input_size: int, channels: int) -> int:
 def _forward_counts(
     model: nn.Module, input_size: int, channels: int, *, flops: bool = True, activations: bool = True
 ) -> tuple[int, int]:
-    """(FLOPs, activation bytes) of one batch-1 forward pass in eval mode: both from the same pass."""
+    """(FLOPs, activation bytes) of one batch-1 forward pass in eval mode: both from the same pass.
+
+    Shapes are all they depend on: a copy on the meta device computes nothing (a ResNet-50 forward took
+    over a second on a busy machine); the model itself only when a layer cannot run on meta."""
+    try:
+        meta = copy.deepcopy(model).to("meta")
+        example = torch.empty(1, channels, input_size, input_size, device="meta")
+        return _count_pass(meta, example, flops, activations)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        log.debug("counting on the meta device failed (%s); counting on the model itself", exc)
+    return _count_pass(model, _example(model, channels, input_size), flops, activations)
+
+
+def _count_pass(net: nn.Module, example: torch.Tensor, flops: bool, activations: bool) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     total = 0
@@ -75,35 +88,19 @@ def _forward_counts(
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
 
-    # Shapes are all that FLOPs and output sizes depend on: a copy on the meta device computes nothing
-    # (a ResNet-50 forward took over a second on a busy machine); the real model only when a layer
-    # cannot run on meta.
+    leaves = [m for m in net.modules() if not list(m.children())] if activations else []
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
+    was_training = net.training
+    net.eval()
     try:
-        meta = copy.deepcopy(model).to("meta")
-        example = torch.empty(1, channels, input_size, input_size, device="meta")
-    except (RuntimeError, NotImplementedError, TypeError):
-        meta = None
-    for net in ([meta] if meta is not None else []) + [model]:
-        total = 0
-        leaves = [m for m in net.modules() if not list(m.children())] if activations else []
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
-        was_training = net.training
-        net.eval()
-        try:
-            with counter, torch.no_grad():
-                net(example if net is meta else _example(net, channels, input_size))
-        except (RuntimeError, NotImplementedError) as exc:
-            if net is not meta:
-                raise
-            log.debug("FLOPs on the meta device failed (%s); counting on the model itself", exc)
-            continue
-        finally:
-            for h in handles:
-                h.remove()
-            net.train(was_training)
-        return (int(counter.get_total_flops()) if flops else 0), int(total)  # type: ignore[union-attr]
-    raise AssertionError("unreachable")
+        with counter, torch.no_grad():
+            net(example)
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return (int(counter.get_total_flops()) if flops else 0), int(total)  # type: ignore[union-attr]
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -60,7 +60,6 @@ def evaluate_model(
     keep_fraction: float = 1.0,
     seed: int = 0,
     channels_last: bool = False,
-    sample: int = 0,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` (eval mode, no grad) over ``loader``.
 
@@ -69,9 +68,7 @@ def evaluate_model(
     evaluates a seeded random subset of the *batches* (an unbiased sample of a large, possibly
     class-ordered loader at a fraction of the cost); ``max_items`` stops after that many items.
     ``channels_last`` runs it in that memory format (faster convolutions on CPUs; the model is given
-    back in the default format). ``sample`` > 0 also keeps a uniform random sample of that many of the
-    evaluated input images: "sample_images" (M, C, S, S) float32 and their row numbers "sample_index".
-    The model's training flag is restored afterwards.
+    back in the default format). The model's training flag is restored afterwards.
     """
     import torch
 
@@ -97,9 +94,7 @@ def evaluate_model(
 
     try:
         with torch.inference_mode():
-            return _predict(
-                forward, loader, class_names, task, temperature, max_items, keep_fraction, seed, sample
-            )
+            return _predict(forward, loader, class_names, task, temperature, max_items, keep_fraction, seed)
     finally:
         if handle is not None:
             handle.remove()
@@ -122,7 +117,11 @@ def evaluate_onnx(
     sample: int = 0,
 ) -> dict[str, np.ndarray]:
     """`evaluate_model` for an exported student (`kdviewer.models.onnx_export`: outputs "logits" and
-    "features") in an ONNX Runtime ``session``: the file the viewer deploys, at ORT's speed."""
+    "features") in an ONNX Runtime ``session``: the file the viewer deploys, at ORT's speed.
+
+    ``sample`` > 0 also keeps a uniform random sample of that many of the evaluated input images:
+    "sample_images" (M, C, S, S) float32 and their row numbers "sample_index" (the export's INT8
+    calibration and parity sets, taken in the same pass)."""
     name = session.get_inputs()[0].name
     outputs = ["logits", "features"] if features else ["logits"]
 
@@ -143,7 +142,7 @@ def _predict(
     max_items: int | None,
     keep_fraction: float,
     seed: int,
-    sample: int,
+    sample: int = 0,
 ) -> dict[str, np.ndarray]:
     """The loop of `evaluate_model` / `evaluate_onnx`: ``forward(images) -> (logits, features | None)``."""
     from training.calibration import probabilities
