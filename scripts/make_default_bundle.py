@@ -43,6 +43,19 @@ COPY = ("manifest.json", "model_card.md", "evaluation.json", "history.json", "oo
 REPORT_COPY = ROOT / "docs" / "results" / "kermany_cxr_report.html"
 
 
+def run_bundle(recipe: Path, run_dir: Path, train: bool) -> Path | None:
+    """``run_dir``'s bundle, after running ``recipe`` into it when ``train``; None (with the reason on
+    stderr) when there is none."""
+    if train:
+        cmd = [sys.executable, "-m", "training", "run", str(recipe), "--set", f"output.dir={run_dir}"]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    bundle = run_dir / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        print(f"no bundle at {bundle}: run with --train (or kd-train run {recipe})", file=sys.stderr)
+        return None
+    return bundle
+
+
 def half_state_dict(src: Path, dst: Path) -> None:
     import torch
 
@@ -158,12 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-dp", type=float, default=0.01, help="largest probability change allowed by fp16")
     p.add_argument("--sample", action="store_true", help="also pick the viewer's sample case (see above)")
     args = p.parse_args(argv)
-    if args.train:
-        cmd = [sys.executable, "-m", "training", "run", str(RECIPE), "--set", f"output.dir={args.run_dir}"]
-        subprocess.run(cmd, cwd=ROOT, check=True)
-    bundle = args.run_dir / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        print(f"no bundle at {bundle}: run with --train (or kd-train run {RECIPE})", file=sys.stderr)
+    bundle = run_bundle(RECIPE, args.run_dir, args.train)
+    if bundle is None:
         return 2
     drift = install(bundle, TARGET, args.max_dp)
     if (bundle / "report.html").is_file():

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,11 +37,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "scripts"):  # training/kdviewer, and make_default_bundle's staging
+for _path in (ROOT, ROOT / "scripts"):  # training/kdviewer, and make_default_bundle's helpers
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from make_default_bundle import stage_deployed  # noqa: E402
+from make_default_bundle import run_bundle, stage_deployed  # noqa: E402
 
 RECIPE = ROOT / "training" / "recipes" / "nih_cxr14.yaml"
 TARGET = ROOT / "runs" / "models" / "nih_cxr14"
@@ -136,12 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=Path, default=TARGET)
     p.add_argument("--train", action="store_true", help="run the recipe into --run-dir first")
     args = p.parse_args(argv)
-    if args.train:
-        cmd = [sys.executable, "-m", "training", "run", str(RECIPE), "--set", f"output.dir={args.run_dir}"]
-        subprocess.run(cmd, cwd=ROOT, check=True)
-    bundle = args.run_dir / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        print(f"no bundle at {bundle}: run with --train (or kd-train run {RECIPE})", file=sys.stderr)
+    bundle = run_bundle(RECIPE, args.run_dir, args.train)
+    if bundle is None:
         return 2
     probs, targets, names = val_probabilities(bundle)
     thresholds = choose_thresholds(probs, targets, names)
