@@ -167,6 +167,13 @@ def run_onnx(sess: Any, images: np.ndarray, batch_size: int = 64) -> tuple[np.nd
     return np.concatenate(logits), np.concatenate(feats)
 
 
+def _session(model: Any, threads: int) -> Any:
+    """An ORT session of ``model``: an ONNX file, or a session already (returned as it is)."""
+    from kdviewer.models.onnx_export import ort_session
+
+    return ort_session(model, threads) if isinstance(model, (str, Path)) else model
+
+
 def int8_parity(
     fp32: Any,
     int8: Any,
@@ -185,14 +192,13 @@ def int8_parity(
     logits of ``images`` when the caller has them already (the export's prediction pass): fp32 is then
     not run again. ``runs`` <= 0 leaves out the latencies (and ``speedup``/``recommended``):
     `recommend_int8` adds them once the caller has timed the files (`int8_latency`)."""
-    from kdviewer.models.onnx_export import ort_session
     from training.calibration import probabilities
 
     images = np.asarray(images, dtype=np.float32)
-    s8 = ort_session(int8, threads) if isinstance(int8, (str, Path)) else int8
+    s8 = _session(int8, threads)
     s32 = None
     if fp32_logits is None or runs > 0:
-        s32 = ort_session(fp32, threads) if isinstance(fp32, (str, Path)) else fp32
+        s32 = _session(fp32, threads)
     logits32 = run_onnx(s32, images)[0] if fp32_logits is None else np.asarray(fp32_logits, dtype=np.float32)
     if len(logits32) != len(images):
         raise ValueError(f"{len(logits32)} fp32 logits for {len(images)} images")
@@ -220,11 +226,10 @@ def int8_latency(
     fp32: Any, int8: Any, image: np.ndarray, threads: int = 2, runs: int = 20, warmup: int = 3
 ) -> dict[str, float]:
     """Median batch-1 milliseconds of two ONNX files (paths or sessions), timed round-robin."""
-    from kdviewer.models.onnx_export import ort_session
     from training.complexity import round_robin_latency
 
-    s32 = ort_session(fp32, threads) if isinstance(fp32, (str, Path)) else fp32
-    s8 = ort_session(int8, threads) if isinstance(int8, (str, Path)) else int8
+    s32 = _session(fp32, threads)
+    s8 = _session(int8, threads)
     feed = {s32.get_inputs()[0].name: np.ascontiguousarray(np.asarray(image, dtype=np.float32)[:1])}
     lat = round_robin_latency(
         {"fp32": lambda: s32.run(None, feed), "int8": lambda: s8.run(None, feed)}, runs=runs, warmup=warmup
