@@ -9,7 +9,9 @@ channel; random weights unless ``--model``):
   bundle's deployed student; INT8 when recommended) on batches, CSV written row by row. Its time
   includes opening the bundle and starting the worker pool;
 * kdviewer on Dask: the same with ``cluster="local:N"`` (N = ``--workers``), its time including the
-  start of the LocalCluster; skipped with ``--no-cluster`` or when dask is not installed.
+  start of the LocalCluster; skipped with ``--no-cluster`` or when dask is not installed. The pool and
+  the cluster run ``--pairs`` times in turn (pool, cluster, pool, ...): this machine's speed drifts
+  by 15-45% between minutes, so each pair gives one ratio and the median of them is the result.
 
 First it prints where one file's time goes in kdviewer's pipeline (read, decode to a `Study`,
 preprocess to the model input, infer; median ms per file over a sample, one process), with the naive
@@ -20,12 +22,13 @@ Lines ``RESULT jpeg_speedup`` (kdviewer / naive on the JPEG folder) and ``RESULT
 ``RESULT batch_speedup <kdviewer images/s / naive images/s>`` on the PNG + DICOM folder (goal >= 3).
 
     python benchmarks/batch_throughput.py [--files 48] [--model BUNDLE] [--workers 2] [--threads 2]
-                                          [--no-cluster] [--no-naive]
+                                          [--no-cluster] [--no-naive] [--pairs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-cluster", action="store_true", help="skip the Dask --cluster local:N variant")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="pool/cluster runs in turn; RESULT cluster_vs_pool is the median of their ratios")
     ap.add_argument("--no-naive", action="store_true",
                     help="skip stage costs, naive loop and JPEG folder: built-in pool vs cluster only")
     args = ap.parse_args(argv)
@@ -233,18 +238,22 @@ def main(argv: list[str] | None = None) -> int:
             naive_loop(files[:2], model, args.threads)  # warm the torch kernels
             t_naive = naive_loop(files, model, args.threads)
         kd_rate, kd_steady = kd_run(folder, tmpd / "out.csv")
-        if cluster:
-            dk_rate, dk_steady = kd_run(folder, tmpd / "out_dask.csv", f"local:{args.workers}")
+        pairs: list[tuple[float, float, float, float]] = []  # pool rate, steady, cluster rate, steady
+        for i in range(max(1, args.pairs) if cluster else 0):
+            pool = (kd_rate, kd_steady) if i == 0 else kd_run(folder, tmpd / f"out{i}.csv")
+            pairs.append((*pool, *kd_run(folder, tmpd / f"out_dask{i}.csv", f"local:{args.workers}")))
         if not args.no_naive:
             t_naive_j = naive_loop(jfiles, model, args.threads)
             kd_rate_j, _ = kd_run(jfolder, tmpd / "out_j.csv")
     print(f"{len(files)} files (1024x1024, PNG + DICOM) and {len(jfiles)} JPEG; workers {args.workers}, "
           f"threads {args.threads}")
-    if cluster:
-        print(f"kdviewer classify (built-in pool): {kd_rate:.2f} img/s (first to last row {kd_steady:.2f})")
-        print(f"kdviewer classify --cluster local:{args.workers} (Dask, cluster start included): "
-              f"{dk_rate:.2f} img/s (first to last row {dk_steady:.2f})")
-        print(f"RESULT cluster_vs_pool {dk_rate / kd_rate:.3f}")
+    for pool_rate, pool_steady, dk_rate, dk_steady in pairs:
+        print(f"kdviewer classify: built-in pool {pool_rate:.2f} img/s (first to last row "
+              f"{pool_steady:.2f}), --cluster local:{args.workers} (Dask, cluster start included) "
+              f"{dk_rate:.2f} img/s (first to last row {dk_steady:.2f}): ratio {dk_rate / pool_rate:.3f}")
+    if pairs:
+        ratios = sorted(dk / pool for pool, _, dk, _ in pairs)
+        print(f"RESULT cluster_vs_pool {statistics.median(ratios):.3f} (median of {len(ratios)} pairs)")
     if args.no_naive:
         return 0
     naive_rate, naive_rate_j = len(files) / t_naive, len(jfiles) / t_naive_j

@@ -591,39 +591,47 @@ def run_batch(
     if cluster is not None and on_result is not None:
         raise BatchError("writing DICOM results (--dicom-out) is not supported with --cluster; run it "
                          "without --cluster")
+    connection = None
     if cluster is not None:
-        from kdviewer.batch_cluster import parse_cluster
+        from kdviewer.batch_cluster import ClusterConnection, parse_cluster
 
-        parse_cluster(cluster)  # a malformed address fails before anything is read or written
-    # with decoder processes beside it, ORT must not spin-wait on the cores they decode on
-    clf = Classifier(bundle, use_int8=use_int8, threads=threads, load_teacher=teacher,  # type: ignore[arg-type]
-                     spin=workers <= 0 or cluster is not None)
-    names = clf.class_names
-    if heatmap_target is not None and heatmap_target not in names:
-        raise BatchError(f"unknown finding {heatmap_target!r} for the heatmaps; this model's classes: "
-                         + ", ".join(names))
-    columns = csv_columns(names, teacher, clf.multi_label)
-    done_rows = read_done(out_csv, columns)
-    done = {_norm(r["path"]) for r in done_rows}
-    all_cases = scan(folder) if cases is None else cases
-    shown = _Shown(Path(folder), deidentify)
-    # never classify what is not an image, nor this run's own outputs (when they lie inside the folder)
-    ours = {_norm(str(p)) for p in (out_csv, json_path) if p is not None}
-    heat_root = os.path.abspath(heatmaps_dir) + os.sep if heatmaps_dir else None
-    skipped_files = [c.path for c in all_cases if c.case_type == "skipped" or _norm(c.path) in ours
-                     or (heat_root is not None and os.path.abspath(c.path).startswith(heat_root))]
-    if skipped_files:
-        gone = set(skipped_files)
-        all_cases = [c for c in all_cases if c.path not in gone]
-    todo = [c for c in all_cases if _norm(shown.path(c.path)) not in done]
-    skipped = len(all_cases) - len(todo)
-    heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
-    if heat_dir is not None:
-        heat_dir.mkdir(parents=True, exist_ok=True)
+        # a malformed address fails before anything is read or written; a local cluster starts now,
+        # in the background, while this process opens its bundle and lists the folder
+        connection = ClusterConnection(parse_cluster(cluster))
     try:
-        writer = _Writer(out_csv, columns, jsonl, done_rows)
-    except OSError as exc:
-        raise BatchError(f"cannot write {out_csv}: {exc.strerror or exc}") from exc
+        # with decoder processes beside it, ORT must not spin-wait on the cores they decode on
+        clf = Classifier(bundle, use_int8=use_int8, threads=threads, load_teacher=teacher,  # type: ignore[arg-type]
+                         spin=workers <= 0 or connection is not None)
+        names = clf.class_names
+        if heatmap_target is not None and heatmap_target not in names:
+            raise BatchError(f"unknown finding {heatmap_target!r} for the heatmaps; this model's classes: "
+                             + ", ".join(names))
+        columns = csv_columns(names, teacher, clf.multi_label)
+        done_rows = read_done(out_csv, columns)
+        done = {_norm(r["path"]) for r in done_rows}
+        all_cases = scan(folder) if cases is None else cases
+        shown = _Shown(Path(folder), deidentify)
+        # never classify what is not an image, nor this run's own outputs (when they lie inside the folder)
+        ours = {_norm(str(p)) for p in (out_csv, json_path) if p is not None}
+        heat_root = os.path.abspath(heatmaps_dir) + os.sep if heatmaps_dir else None
+        skipped_files = [c.path for c in all_cases if c.case_type == "skipped" or _norm(c.path) in ours
+                         or (heat_root is not None and os.path.abspath(c.path).startswith(heat_root))]
+        if skipped_files:
+            gone = set(skipped_files)
+            all_cases = [c for c in all_cases if c.path not in gone]
+        todo = [c for c in all_cases if _norm(shown.path(c.path)) not in done]
+        skipped = len(all_cases) - len(todo)
+        heat_dir = Path(heatmaps_dir) if heatmaps_dir else None
+        if heat_dir is not None:
+            heat_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = _Writer(out_csv, columns, jsonl, done_rows)
+        except OSError as exc:
+            raise BatchError(f"cannot write {out_csv}: {exc.strerror or exc}") from exc
+    except BaseException:
+        if connection is not None:
+            connection.close()
+        raise
 
     stats = {"done": 0, "errors": 0, "ood": 0, "disagree": 0, "images": 0, "refused": 0}
     # OOD flags over the whole output, rows of earlier runs included (the set-level domain-shift test)
@@ -702,11 +710,11 @@ def run_batch(
             emit(_row(c, {"t_decode_ms": 0.0}, None, None, names, error=c.error))
         pending_cases = [c for c in todo if c.case_type != "error"]
         results: Iterator[dict[str, Any]]
-        if cluster is not None:
+        if connection is not None:
             from kdviewer.batch_cluster import cluster_results
 
             bundle_ref = str(clf.bundle.source)
-            for item in cluster_results(cluster, pending_cases, bundle_ref, teacher=teacher,
+            for item in cluster_results(connection, pending_cases, bundle_ref, teacher=teacher,
                                         use_int8=use_int8, threads=threads, batch_size=batch_size,
                                         heat_dir=heat_dir, anonymous=deidentify,
                                         heatmap_target=heatmap_target, cancel=cancel):
@@ -749,6 +757,8 @@ def run_batch(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
+        if connection is not None:
+            connection.close()
     elapsed = time.perf_counter() - t_start
     has_scores = clf.ood is not None and ood_all["scored"] > 0
     shift = domain_shift(ood_all["flagged"], ood_all["scored"]) if has_scores else None

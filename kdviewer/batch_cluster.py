@@ -88,10 +88,9 @@ def _distributed() -> Any:
     return distributed
 
 
-@contextmanager
-def open_client(spec: ClusterSpec, timeout: float = CONNECT_TIMEOUT_S) -> Iterator[Any]:
-    """A connected ``distributed.Client`` with at least one worker (a local cluster is started and
-    closed around it); `ClusterError` when that cannot be had within ``timeout`` seconds."""
+def _connect(spec: ClusterSpec, timeout: float) -> tuple[Any, Any]:
+    """(a connected ``distributed.Client`` with at least one worker, the local cluster started for it or
+    None); `ClusterError` when that cannot be had within ``timeout`` seconds (nothing is left running)."""
     distributed = _distributed()
     cluster = None
     try:
@@ -128,18 +127,77 @@ def open_client(spec: ClusterSpec, timeout: float = CONNECT_TIMEOUT_S) -> Iterat
         raise ClusterError(
             f"could not start the Dask cluster: {type(exc).__name__}: {_one_line(exc)}") from exc
     try:
-        try:
-            client.wait_for_workers(1, timeout=timeout)
-        except (OSError, TimeoutError) as exc:
-            raise ClusterError(
-                f"no Dask worker joined {spec.address or 'the local cluster'} within {timeout:.0f} s; start "
-                "workers with `dask worker SCHEDULER_ADDRESS` on machines that see the same files"
-            ) from exc
+        client.wait_for_workers(1, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        _disconnect(client, cluster)
+        raise ClusterError(
+            f"no Dask worker joined {spec.address or 'the local cluster'} within {timeout:.0f} s; start "
+            "workers with `dask worker SCHEDULER_ADDRESS` on machines that see the same files"
+        ) from exc
+    return client, cluster
+
+
+def _disconnect(client: Any, cluster: Any) -> None:
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+@contextmanager
+def open_client(spec: ClusterSpec, timeout: float = CONNECT_TIMEOUT_S) -> Iterator[Any]:
+    """A connected ``distributed.Client`` with at least one worker (a local cluster is started and
+    closed around it); `ClusterError` when that cannot be had within ``timeout`` seconds."""
+    client, cluster = _connect(spec, timeout)
+    try:
         yield client
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        _disconnect(client, cluster)
+
+
+class ClusterConnection:
+    """The client of a ``--cluster`` run, made when first asked for (`client`) and closed by `close`.
+
+    A local cluster starts on a background thread as soon as this is made, so that the classifying
+    process's own start (opening its bundle, reading what an earlier run wrote, listing the folder)
+    happens meanwhile instead of before: starting two worker processes takes 0.5-0.6 s, opening the
+    bundle ~0.3 s, and both are paid once per run. A scheduler address is connected to on the first
+    `client` call (no processes to start; a run with nothing left to do never connects).
+    """
+
+    def __init__(self, spec: ClusterSpec, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        self.spec = spec
+        self._timeout = timeout
+        self._conn: tuple[Any, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if spec.kind == "local":
+            self._thread = threading.Thread(target=self._start, name="kdviewer-cluster-start", daemon=True)
+            self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self._conn = _connect(self.spec, self._timeout)
+        except BaseException as exc:  # raised again, on the caller's thread, by client()
+            self._error = exc
+
+    def client(self) -> Any:
+        """The connected client; the `ClusterError` of a cluster that could not be started or reached."""
+        if self._thread is not None:
+            self._thread.join()
+        elif self._conn is None and self._error is None:
+            self._start()
+        if self._error is not None:
+            raise self._error
+        assert self._conn is not None
+        return self._conn[0]
+
+    def close(self) -> None:
+        """Disconnect, and stop the local cluster (after its start, if that is still going on)."""
+        if self._thread is not None:
+            self._thread.join()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _disconnect(*conn)
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -214,7 +272,7 @@ def make_units(cases: list[Case], batch_size: int) -> list[list[Case]]:
 
 
 def cluster_results(
-    cluster: str,
+    connection: ClusterConnection,
     cases: list[Case],
     bundle_ref: str,
     *,
@@ -226,62 +284,61 @@ def cluster_results(
     anonymous: bool = False,
     heatmap_target: str | None = None,
     cancel: threading.Event | None = None,
-    timeout: float = CONNECT_TIMEOUT_S,
 ) -> Iterator[dict[str, Any]]:
-    """Classify ``cases`` on the cluster; yields worker items (see `classify_unit`) as units complete.
+    """Classify ``cases`` on the cluster of ``connection`` (the caller closes it); yields worker items (see
+    `classify_unit`) as units complete.
 
     A unit can arrive twice when its worker died after finishing it: the caller dedupes by case.
     A local cluster has N processes with one task slot each and one ORT thread per task (N units
     decode and infer at once); the tasks of a remote cluster's workers use ``threads`` ORT threads each
     (start them with ``--nthreads 1`` per core).
     """
-    spec = parse_cluster(cluster)
     units = make_units(cases, batch_size)
     if not units:
         return
     distributed = _distributed()
-    worker_threads = 1 if spec.kind == "local" else threads
+    worker_threads = 1 if connection.spec.kind == "local" else threads
     heat = str(heat_dir) if heat_dir is not None else None
-    with open_client(spec, timeout) as client:
-        workers = client.scheduler_info().get("workers", {})
-        slots = max(1, sum(int(w.get("nthreads", 1) or 1) for w in workers.values()))
-        window = 2 * slots + 1  # every task slot busy, one more unit queued for each
-        queue = list(reversed(units))
-        pending = distributed.as_completed()
-        unit_of: dict[Any, list[Case]] = {}
+    client = connection.client()
+    workers = client.scheduler_info().get("workers", {})
+    slots = max(1, sum(int(w.get("nthreads", 1) or 1) for w in workers.values()))
+    window = 2 * slots + 1  # every task slot busy, one more unit queued for each
+    queue = list(reversed(units))
+    pending = distributed.as_completed()
+    unit_of: dict[Any, list[Case]] = {}
 
-        def submit() -> None:
-            unit = queue.pop()
-            fut = client.submit(classify_unit, unit, bundle_ref, teacher, use_int8, worker_threads, heat,
-                                anonymous, heatmap_target, pure=False)
-            unit_of[fut] = unit
-            pending.add(fut)
+    def submit() -> None:
+        unit = queue.pop()
+        fut = client.submit(classify_unit, unit, bundle_ref, teacher, use_int8, worker_threads, heat,
+                            anonymous, heatmap_target, pure=False)
+        unit_of[fut] = unit
+        pending.add(fut)
 
-        for _ in range(min(window, len(queue))):
+    for _ in range(min(window, len(queue))):
+        submit()
+    for fut in pending:
+        unit = unit_of.pop(fut)
+        if cancel is not None and cancel.is_set():
+            for other in list(unit_of):
+                other.cancel()
+            return
+        try:
+            items = fut.result()
+        except distributed.KilledWorker as exc:  # the unit kept killing its workers (a decoder crash)
+            why = _one_line(f"the Dask worker died while classifying this batch ({exc}); it may need "
+                            "more memory than the worker has")
+            items = [{"path": c.path, "row": _row(c, {"t_decode_ms": 0.0}, None, None, [], error=why),
+                      "n_images": 0, "dropped": []} for c in unit]
+        except Exception as exc:  # systematic: every unit would fail the same way
+            for other in list(unit_of):
+                other.cancel()
+            raise ClusterError(
+                f"a Dask worker could not classify: {type(exc).__name__}: {_one_line(exc)}. Every worker "
+                f"needs kdviewer installed and must see the bundle ({bundle_ref}) and the images at the "
+                "same paths as this machine (a shared filesystem)"
+            ) from exc
+        finally:
+            fut.release()
+        if queue:
             submit()
-        for fut in pending:
-            unit = unit_of.pop(fut)
-            if cancel is not None and cancel.is_set():
-                for other in list(unit_of):
-                    other.cancel()
-                return
-            try:
-                items = fut.result()
-            except distributed.KilledWorker as exc:  # the unit kept killing its workers (a decoder crash)
-                why = _one_line(f"the Dask worker died while classifying this batch ({exc}); it may need "
-                                "more memory than the worker has")
-                items = [{"path": c.path, "row": _row(c, {"t_decode_ms": 0.0}, None, None, [], error=why),
-                          "n_images": 0, "dropped": []} for c in unit]
-            except Exception as exc:  # systematic: every unit would fail the same way
-                for other in list(unit_of):
-                    other.cancel()
-                raise ClusterError(
-                    f"a Dask worker could not classify: {type(exc).__name__}: {_one_line(exc)}. Every worker "
-                    f"needs kdviewer installed and must see the bundle ({bundle_ref}) and the images at the "
-                    "same paths as this machine (a shared filesystem)"
-                ) from exc
-            finally:
-                fut.release()
-            if queue:
-                submit()
-            yield from items
+        yield from items

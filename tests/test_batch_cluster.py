@@ -152,7 +152,7 @@ def test_without_cluster_dask_is_never_imported(tmp_path: Path) -> None:
 
 def test_unreachable_scheduler_and_bad_spec_fail_fast(tmp_path: Path) -> None:
     from kdviewer.batch import Case
-    from kdviewer.batch_cluster import ClusterError, cluster_results, parse_cluster
+    from kdviewer.batch_cluster import ClusterConnection, ClusterError, cluster_results, parse_cluster
 
     assert parse_cluster("local:3").n_workers == 3
     assert parse_cluster("tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
@@ -161,7 +161,8 @@ def test_unreachable_scheduler_and_bad_spec_fail_fast(tmp_path: Path) -> None:
             parse_cluster(bad)
     t0 = time.monotonic()
     with pytest.raises(ClusterError, match="cannot reach the Dask scheduler"):
-        list(cluster_results("tcp://127.0.0.1:9", [Case("x.png", "image", ("x.png",))], "bundle", timeout=3))
+        unreachable = ClusterConnection(parse_cluster("tcp://127.0.0.1:9"), timeout=3)
+        list(cluster_results(unreachable, [Case("x.png", "image", ("x.png",))], "bundle"))
     assert time.monotonic() - t0 < 30
     # the CLI: one line, exit 1, nothing written
     cmd = [sys.executable, "-m", "kdviewer.cli", "classify", str(tmp_path), "-o", str(tmp_path / "out.csv"),
