@@ -20,6 +20,7 @@ import argparse
 import copy
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ from training.zoo import create_model
 
 SHIPPED_T = 1.9  # resources/models/kermany_cxr: the calibration temperature the parity check uses
 CLASSES = ["NORMAL", "PNEUMONIA"]
+# the run the shipped bundle came from
+SHIPPED_CHECKPOINT = "runs/kermany_cxr/ablation/hinton-s0/checkpoints/best_student.pt"
 
 
 class FakeQuant:
@@ -111,6 +114,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def kermany_student(checkpoint: str = SHIPPED_CHECKPOINT) -> tuple[nn.Module, dict[str, Any]]:
+    """The Kermany Lite0 student (eval mode) and the recipe's datasets (same patient-wise split)."""
+    cfg = load_config("training/recipes/kermany_cxr.yaml")
+    seed = cfg.data.seed if cfg.data.seed is not None else cfg.runtime.seed
+    splits = discover(cfg.data, cfg.task, seed)
+    sets = build_datasets(splits, cfg.preprocessing.to_manifest(), cfg.data)
+    student = create_model("efficientnet_lite0", 2, 1, 0.2, role="student")
+    student.load_state_dict(load_checkpoint(checkpoint))
+    return student.eval(), sets
+
+
 def int8_report(model: nn.Module, tag: str, train_eval: BatchLoader, val: BatchLoader, tmp: str) -> None:
     from sklearn.metrics import roc_auc_score
 
@@ -138,20 +152,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps (0: none)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--baseline", action="store_true", help="first report the student as it is")
-    ap.add_argument("--checkpoint", default="runs/kermany_cxr/ablation/hinton-s0/checkpoints/best_student.pt",
+    ap.add_argument("--checkpoint", default=SHIPPED_CHECKPOINT,
                     help="the student's weights (default: the run the shipped bundle came from)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tmp = tempfile.mkdtemp()
-    cfg = load_config("training/recipes/kermany_cxr.yaml")
-    seed = cfg.data.seed if cfg.data.seed is not None else cfg.runtime.seed
-    splits = discover(cfg.data, cfg.task, seed)
-    sets = build_datasets(splits, cfg.preprocessing.to_manifest(), cfg.data)
+    student, sets = kermany_student(args.checkpoint)
     train = BatchLoader(sets["train"], 32, shuffle=True, seed=0)
     train_eval, val = BatchLoader(sets["train"], 64), BatchLoader(sets["val"], 128)
-    student = create_model("efficientnet_lite0", 2, 1, 0.2, role="student")
-    student.load_state_dict(load_checkpoint(args.checkpoint))
-    student.eval()
     if args.baseline:
         int8_report(student, "baseline", train_eval, val, tmp)
     if args.steps <= 0:
