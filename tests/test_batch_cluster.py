@@ -177,13 +177,53 @@ def test_local_cluster_workers_run_without_the_nanny_malloc_trim_setting(monkeyp
     full-size frame a fresh mmap: ~45% more CPU per file), and the setting stays Dask's default outside."""
     import dask
 
-    from kdviewer.batch_cluster import ClusterSpec, open_client
+    from kdviewer.batch_cluster import ClusterConnection, ClusterSpec
 
     key = "MALLOC_TRIM_THRESHOLD_"
     # a nanny also sets it in its own process, this one: the `cluster` fixture's left it here
     monkeypatch.delenv(key, raising=False)
-    with open_client(ClusterSpec("local", n_workers=1)) as client:
+    connection = ClusterConnection(ClusterSpec("local", n_workers=1))
+    try:
+        client = connection.client()
         env = client.run(lambda: os.environ.get(key))
         slots = [w["nthreads"] for w in client.scheduler_info()["workers"].values()]
+    finally:
+        connection.close()
     assert slots == [1] and list(env.values()) == [None]
     assert dask.config.get(f"distributed.nanny.pre-spawn-environ.{key}") is not None
+
+
+def test_the_local_cluster_starts_beside_the_client_and_stops_with_the_run(tmp_path: Path) -> None:
+    """`--cluster local` starts its workers while the client opens its bundle; when the run fails before
+    classifying anything (here: no such bundle) or has nothing left to do, they are stopped, not leaked."""
+    import psutil
+
+    from kdviewer.batch_cluster import ClusterConnection, ClusterSpec
+    from kdviewer.errors import BundleError
+
+    def processes() -> set[int]:  # multiprocessing's resource tracker stays, by design
+        return {p.pid for p in psutil.Process().children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())}
+
+    before = processes()  # e.g. the `cluster` fixture's workers
+
+    def workers_left() -> set[int]:
+        return processes() - before
+
+    connection = ClusterConnection(ClusterSpec("local", n_workers=1))
+    assert connection._thread is not None and connection._thread.is_alive()  # started, not yet waited for
+    assert connection.client().scheduler_info()["workers"]
+    connection.close()
+    connection.close()  # twice is harmless
+    assert not workers_left()
+
+    write_png(tmp_path / "in" / "a.png", cxr_phantom(np.random.default_rng(0), False)[0])
+    with pytest.raises(BundleError):
+        run_batch(tmp_path / "in", tmp_path / "no-such-bundle", tmp_path / "out.csv", cluster="local:1")
+    assert not workers_left()
+
+    bundle = cxr_bundle().path
+    first = run_batch(tmp_path / "in", bundle, tmp_path / "out.csv", cluster="local:1")
+    again = run_batch(tmp_path / "in", bundle, tmp_path / "out.csv", cluster="local:1")
+    assert (first.processed, again.processed, again.skipped) == (1, 0, 1)
+    assert not workers_left()
