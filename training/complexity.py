@@ -306,15 +306,16 @@ def compare_student_teacher(
         busy = others is not None and others >= BUSY_CORES
         if busy:
             log.info("latency on a busy machine (others use %.1f cores): 1 thread, fewer rounds", others)
+            threads, warmup = 1, min(warmup, 1)
         table = measure_complexity(
             models,
             input_size=input_size,
             channels=channels,
             onnx={k: v for k, v in onnx.items() if v and k in models},
             onnx_int8={k: v for k, v in int8.items() if v and k in models},
-            threads=1 if busy else threads,
+            threads=threads,
             runs=runs,
-            warmup=min(warmup, 1) if busy else warmup,
+            warmup=warmup,
             static=static,
             budget_s=budget_s,
             min_runs=2 if busy else 5,
@@ -323,10 +324,10 @@ def compare_student_teacher(
     result["settings"] = {
         "input_size": input_size,
         "channels": channels,
-        "threads": 1 if busy else threads,
+        "threads": threads,
         "runs": runs,
         "latency_budget_s": budget_s,
-        "warmup": min(warmup, 1) if busy else warmup,
+        "warmup": warmup,
         "batch": 1,
         "flops_note": "GFLOPs of one batch-1 forward; a multiply-add counts as 2 FLOPs",
     }
