@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_engine import ROOT, Recorder, tiny
+from test_quantize import convs_by_weight_precision
 
 from kdviewer.events import EventWriter, parse_event
 from training.config import config_from_dict
@@ -171,3 +172,28 @@ def test_export_of_an_unfinished_run_is_refused(phantoms, tmp_path, capsys):
     assert main(["export", str(out)]) == 2
     assert "has not finished" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing")]) == 2
+
+
+def test_kd_train_export_can_keep_the_first_layers_fp32_and_refuses_other_settings(trained, tmp_path, capsys):
+    from training.cli import main
+
+    out = _copy(trained, tmp_path / "run")  # student cxrnet_s: stem, layer1 .. layer4, head
+    assert main(["export", str(out), "--set", "output.int8_fp32_through=layer1",
+                 "--set", "output.parity_images=8"]) == 0
+    bundle = out / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["training"]["int8_fp32_through"] == "layer1"
+    assert manifest["int8_parity"]["n"] <= 8
+    convs = convs_by_weight_precision(bundle / manifest["student"]["onnx_int8"])
+    first = ("/model/stem/", "/model/layer1/")
+    assert convs["fp32"] and all(n.startswith(first) for n in convs["fp32"])
+    assert convs["int8"] and not [n for n in convs["int8"] if n.startswith(first)]
+    assert "`layer1` kept in fp32" in (bundle / "model_card.md").read_text()
+
+    # a layer the student does not have: the export fails, the bundle already there is kept
+    before = (bundle / "manifest.json").read_bytes()
+    assert main(["export", str(out), "--set", "output.int8_fp32_through=layer9"]) != 0
+    assert (bundle / "manifest.json").read_bytes() == before
+    # export writes the bundle of the trained checkpoints: training settings are refused
+    assert main(["export", str(out), "--set", "optim.lr=0.1"]) == 2
+    assert "output.* settings only" in capsys.readouterr().err

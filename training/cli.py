@@ -3,7 +3,8 @@
 Sub-commands::
 
     kd-train run CONFIG [--events -|FILE] [--resume] [--set key.path=value ...] [--variant NAME]
-    kd-train export RUN_DIR [--events -|FILE]   rebuild a run's bundle from its best checkpoint (no training)
+    kd-train export RUN_DIR [--events -|FILE] [--set output.key=value ...]
+                                         rebuild a run's bundle from its best checkpoint (no training)
     kd-train check CONFIG [--json] [--set ...] [--variant NAME]
     kd-train recipes                     list the packaged recipes (CONFIG may be a recipe name, e.g. 002)
     kd-train synth ...                   synthetic phantoms (training.synth)
@@ -93,6 +94,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "export", help="write a run's bundle again from its best checkpoint, without training"
     )
     p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="output.KEY=VALUE",
+        help="change how the bundle is written, e.g. --set output.int8_fp32_through=blocks.7 "
+        "(output.* settings only: the checkpoints were trained with the run's own config)",
+    )
     p.add_argument(
         "--events",
         default=None,
@@ -268,7 +278,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError(
                 [{"loc": "run_dir", "msg": f"{run_dir} is not a run folder (no config.yaml)"}], str(run_dir)
             )
-        cfg = load_config(run_dir / "config.yaml")
+        wrong = [o for o in args.overrides if not o.startswith("output.") or o.startswith("output.dir=")]
+        if wrong:
+            raise ConfigError(
+                [{"loc": o.split("=", 1)[0], "msg": "export takes output.* settings only (not output.dir)"}
+                 for o in wrong],
+                str(run_dir),
+            )
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
         out = cfg.output.model_copy(update={"dir": run_dir, "export": True})
         cfg = cfg.model_copy(update={"output": out})
     except ConfigError as exc:

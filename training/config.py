@@ -413,6 +413,10 @@ class OutputConfig(_Strict):
     synthetic: bool | None = None  # None: True when data.generate made the data
     export: bool = True  # write <dir>/bundle at the end (ONNX, INT8, metrics, report)
     quantize: bool = True
+    # mixed-precision INT8: the stem and every layer up to and including this module stay fp32 (a
+    # module name as in `freeze`, e.g. blocks.7); see training.quantize.fp32_nodes_through
+    int8_fp32_through: str | None = None
+    parity_images: int = Field(128, ge=8)  # val images the INT8 vs fp32 parity check compares on
     checkpoint_every: int = Field(1, ge=1)  # epochs
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the metrics' 95% CIs
     latency_runs: int = Field(20, ge=1)  # timed runs per latency measurement in the bundle

@@ -389,6 +389,10 @@ def run(cfg: RunConfig, events: EventWriter, resume: bool = False, export_only: 
             sc.arch, k, c, sc.dropout, sc.weights, role="student", freeze=sc.freeze,
             bn_momentum=sc.bn_momentum,
         ).to(device)
+        if cfg.output.quantize and cfg.output.int8_fp32_through:
+            from training.quantize import require_layer
+
+            require_layer(student, cfg.output.int8_fp32_through)
         combiner = build_combiner(cfg.kd, cfg.task, cfg.task_weight(), student, teacher, c, pre.input_size)
         combiner.to(device)
         student = train_stage(ctx, "student", student, combiner, cfg.optim, teacher)

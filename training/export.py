@@ -15,8 +15,8 @@ loaders. In order, it:
    val scores), sets the student/teacher disagreement threshold from val (95th percentile of the
    total-variation distance, clipped to [0.1, 0.5]; default 0.25 without a teacher);
 5. writes ``student.int8.onnx`` (static QDQ quantization calibrated on TRAINING images sampled in the
-   OOD pass, INT8 vs fp32 parity on a sample of val images kept by the prediction pass ->
-   ``manifest.int8_parity``);
+   OOD pass, optionally with the first layers kept fp32; INT8 vs fp32 parity on a sample of val images
+   kept by the prediction pass -> ``manifest.int8_parity``);
 6. measures complexity (params, GFLOPs, activation memory, latency torch/ORT/INT8 for student and
    teacher);
 7. writes ``manifest.json`` (validated), ``evaluation.json`` and ``history.json`` (everything the
@@ -294,9 +294,11 @@ def _model_card(m: Manifest, evaluation: dict[str, Any]) -> str:
         p = m.int8_parity
         nan = float("nan")
         lines += ["", "## INT8 model", ""]
+        through = m.training.get("int8_fp32_through")
+        mixed = f", the first layers up to and including `{through}` kept in fp32" if through else ""
         lines.append(
-            f"Static INT8 (QDQ, per-channel) vs fp32 on {int(p.get('n', 0))} val images: label agreement "
-            f"{p.get('agreement', nan):.4f}, max |Δp| {p.get('max_abs_diff_prob', nan):.4f}, "
+            f"Static INT8 (QDQ, per-channel{mixed}) vs fp32 on {int(p.get('n', 0))} val images: label "
+            f"agreement {p.get('agreement', nan):.4f}, max |Δp| {p.get('max_abs_diff_prob', nan):.4f}, "
             f"mean |Δp| {p.get('mean_abs_diff_prob', nan):.5f}; latency {p.get('latency_int8_ms', 0):.2f} "
             f"ms vs {p.get('latency_fp32_ms', 0):.2f} ms fp32 (batch 1). "
             + ("Recommended for deployment." if p.get("recommended") else "Kept, but fp32 is the default.")
@@ -357,6 +359,7 @@ def export_bundle(
     synthetic: bool = False,
     device: str = "cpu",
     quantize: bool = True,
+    int8_fp32_through: str | None = None,
     positive_class: str | None = None,
     modality: list[str] | None = None,
     n_boot: int = 1000,
@@ -378,7 +381,9 @@ def export_bundle(
     (features of a random subset of batches, about ``ood_max_train`` images); ``val_loader`` the
     temperature, the OOD threshold and the INT8 parity set (a random sample of ``parity_size``); metrics go on
     the test split when ``test_loader`` is given, else on val. ``progress`` is called with the name of
-    each phase as it starts (command-line progress).
+    each phase as it starts (command-line progress). ``int8_fp32_through``: the INT8 model keeps the
+    student's layers up to and including this module in fp32 (`training.quantize.fp32_nodes_through`;
+    a module the student does not have raises ValueError and no bundle is written).
     """
     from training.calibration import calibrate, probabilities
     from training.evaluate import evaluate_model
@@ -426,6 +431,11 @@ def export_bundle(
             torch.save({k: v.detach().cpu() for k, v in cpu_teacher.state_dict().items()}, tmp / "teacher.pt")
         onnx_path = export_onnx(cpu_student, tmp / "student.onnx", pre.channels, pre.input_size)
         session = ort_session(onnx_path, threads)
+        fp32_nodes: list[str] = []
+        if quantize and int8_fp32_through:
+            from training.quantize import fp32_nodes_through
+
+            fp32_nodes = fp32_nodes_through(cpu_student, onnx_path, int8_fp32_through)
 
         # 2. predictions: the deployed student.onnx (verified against torch above) and the torch teacher,
         # as the viewer runs them; val keeps a random sample of its images for the INT8 parity check
@@ -530,7 +540,8 @@ def export_bundle(
             from training.quantize import quantize_onnx
 
             try:
-                quantize_onnx(onnx_path, tmp / "student.int8.onnx", train_out["sample_images"])
+                quantize_onnx(onnx_path, tmp / "student.int8.onnx", train_out["sample_images"],
+                              nodes_to_exclude=fp32_nodes)
                 _phase("parity")
                 held_out = s_out["val"]["sample_images"]
                 # latency of both files: measured once, with the complexity table when there is one
@@ -540,6 +551,8 @@ def export_bundle(
                     fp32_logits=s_out["val"]["logits"][s_out["val"]["sample_index"]],
                 )
                 int8_name = "student.int8.onnx"
+                if int8_fp32_through:
+                    training_notes["int8_fp32_through"] = int8_fp32_through
             except Exception as exc:  # INT8 is optional: record why it is missing
                 log.warning("INT8 quantization failed: %s", exc)
                 training_notes["int8_error"] = f"{type(exc).__name__}: {exc}"

@@ -131,6 +131,8 @@ def export_stage(ctx: RunContext, student: nn.Module, teacher: nn.Module | None)
                 synthetic=cfg.synthetic,
                 device="cpu",
                 quantize=cfg.output.quantize,
+                int8_fp32_through=cfg.output.int8_fp32_through,
+                parity_size=cfg.output.parity_images,
                 threads=threads,
                 n_boot=cfg.output.bootstrap,
                 latency_runs=cfg.output.latency_runs,

@@ -195,7 +195,8 @@ def prune_bundle(
             positive_class=m.positive_class,
             modality=list(m.modality),
             progress=lambda phase: say(f"  export: {phase}"),
-            **(export_options or {}),
+            # the pruned student keeps the INT8 mixed precision of the bundle it came from
+            **{"int8_fp32_through": m.training.get("int8_fp32_through"), **(export_options or {})},
         )
 
 

@@ -3,7 +3,14 @@
 `quantize_onnx` runs ``quant_pre_process`` (shape inference + graph optimisation), then
 ``quantize_static`` in QDQ format with per-channel signed weights and unsigned activations (U8S8),
 calibrated (MinMax) on preprocessed images drawn from the TRAINING data (`calibration_images`,
-typically 64-256 images). The held-out set is never used for calibration.
+typically 64-256 images). The held-out set is never used for calibration. ``nodes_to_exclude`` keeps
+nodes in fp32 (mixed precision); `fp32_nodes_through` names the nodes of the first layers of a network,
+"the stem up to and including layer X" (``output.int8_fp32_through`` of a recipe). Why: in a network
+whose early layers feed a fine-tuned head, rounding the early layers' weights and activations to 8 bits
+can move a probability far more than rounding the later ones (the Kermany Lite0 student: stem to
+``blocks.7`` in fp32 takes max |Δp| on all val images from 0.23 to 0.086 at 0.64-0.87x the fp32
+latency; docs/results/kermany_cxr.md). Keeping a contiguous first part in fp32 works; excluding scattered node
+types does not (their neighbours' tensors stay quantized).
 
 `int8_parity` compares INT8 and fp32 probabilities on a held-out set and times both at batch 1; its
 dict is stored verbatim in ``Manifest.int8_parity``:
@@ -22,11 +29,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +112,74 @@ class _ArrayReader:
         self._pos = 0
 
 
+def _onnx_scope(module_name: str) -> str:
+    """The node-name prefix the TorchScript ONNX exporter gives the nodes of ``module_name`` inside
+    `kdviewer.models.onnx_export.FeatureExtractor` (whose network is its ``model``): one level per
+    attribute, an indexed child named after its container ("blocks.0.depthwise.3" ->
+    "/model/blocks/blocks.0/depthwise/depthwise.3/", "layer1.0.0" -> "/model/layer1/layer1.0/layer1.0.0/")."""
+    scopes: list[str] = []
+    for part in module_name.split("."):
+        scopes.append(f"{scopes[-1]}.{part}" if part.isdigit() and scopes else part)
+    return "/model/" + "/".join(scopes) + "/"
+
+
+def require_layer(model: nn.Module, layer: str) -> None:
+    """ValueError unless ``model`` has a module named ``layer`` (checked when a run starts, not hours later
+    at its export)."""
+    if not layer or layer not in dict(model.named_modules()):
+        raise ValueError(f"output.int8_fp32_through: no layer {layer!r} in {type(model).__name__}")
+
+
+def fp32_nodes_through(model: nn.Module, onnx_path: str | Path, layer: str) -> list[str]:
+    """Names of the nodes of ``onnx_path`` (exported from ``model`` by `export_onnx`) that belong to
+    ``model``'s layers up to and including module ``layer``, in the order the network registers its
+    modules (its forward order for the sequential nets here: stem, then blocks).
+
+    Raises ValueError for a layer ``model`` does not have, or when no node carries the layers' names
+    (a graph from another exporter): never a silent "nothing excluded".
+    """
+    import onnx
+
+    require_layer(model, layer)
+    names = [n for n, _ in model.named_modules() if n]
+    inside = [i for i, n in enumerate(names) if n == layer or n.startswith(layer + ".")]
+    ancestors = {layer.rsplit(".", i)[0] for i in range(layer.count(".") + 1)} - {layer}
+    prefixes = tuple(_onnx_scope(n) for n in names[: inside[-1] + 1] if n not in ancestors)
+    nodes = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.name.startswith(prefixes)]
+    if not nodes:
+        raise ValueError(
+            f"int8_fp32_through {layer!r}: no node of {Path(onnx_path).name} carries the names of the layers "
+            "up to it (not exported by kdviewer's TorchScript exporter?)"
+        )
+    return nodes
+
+
+def output_tail(graph: Any) -> list[str]:
+    """Names of the nodes between the network's last convolutions and its outputs (pooling, flatten, the
+    classifier; a last residual addition), found walking back from the graph outputs to the first Conv
+    on each path (a Conv's own activation stays with it: ORT fuses the two).
+
+    `quantize_onnx` keeps them fp32: ORT would otherwise round the logits and features to 8 bits on a
+    range set by the calibration images — a grid of ~0.1 logit on which two logits can tie exactly
+    (p = 0.5), and a clamp for a case more confident than any calibration image (the Kermany student's
+    max |Δlogit| on val: 2.26 with them INT8, 1.38 without). They are a few thousand multiply-adds:
+    nothing to gain from INT8."""
+    producer = {o: n for n in graph.node for o in n.output}
+    tail: list[str] = []
+    todo = [o.name for o in graph.output]
+    seen: set[str] = set()
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in seen or node.op_type == "Conv":
+            continue
+        if node.op_type in ("Relu", "Clip") and getattr(producer.get(node.input[0]), "op_type", "") == "Conv":
+            continue
+        seen.add(node.name)
+        tail.append(node.name)
+        todo.extend(node.input)
+    return tail
+
+
 def quantize_onnx(
     fp32_path: str | Path,
     out_path: str | Path,
@@ -111,14 +189,17 @@ def quantize_onnx(
     activation_type: str = "QUInt8",
     reduce_range: bool = False,
     preprocess: bool = True,
+    nodes_to_exclude: Sequence[str] = (),
 ) -> Path:
-    """Statically quantize ``fp32_path`` to INT8 (QDQ, per-channel weights) -> ``out_path``.
+    """Statically quantize ``fp32_path`` to INT8 (QDQ, per-channel weights) -> ``out_path``; the nodes
+    named in ``nodes_to_exclude`` (e.g. `fp32_nodes_through`) and the `output_tail` stay fp32.
 
     Activations are unsigned (U8S8) by default: on x86 ONNX Runtime runs U8S8 convolutions with
     integer dot-product kernels, measured 2.5x faster than fp32 for ResNet-18 at 224 px, while S8S8
     QDQ was *slower* than fp32 on the same CPU. ``reduce_range`` (7-bit weights) avoids saturation on
     old AVX2 CPUs without VNNI at a small accuracy cost; the parity check shows either effect.
     """
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -148,6 +229,7 @@ def quantize_onnx(
             activation_type=getattr(QuantType, activation_type),
             reduce_range=reduce_range,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=[*nodes_to_exclude, *output_tail(onnx.load(str(src)).graph)],
             # A BatchNormalization that cannot be folded into a convolution (DenseNet's pre-activation
             # norm1/norm2) keeps its rank-1 scale: per channel along axis 0, not ORT's default axis 1
             # (which warned "Axis 1 is out-of-range" for each and fell back to one scale per tensor).
