@@ -7,7 +7,8 @@ model within the exporter's parity bar (max |dp| <= 0.1 at the manifest temperat
 Each variant is quantized from the same exported fp32 graph (after ``quant_pre_process``) with ORT's
 ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations: the exporter's setting unless the
 variant says otherwise) and compared with the *unchanged* fp32 student on the 1039 val images: max and
-mean |dlogit|, max |dp| at T = 1.9 and the number of images above the 0.1 bar.
+mean |dlogit|, max |dp| at T = 1.9 and the number of images above the 0.1 bar, and its batch-1 latency
+as a ratio of the fp32 file's (1 thread, timed in turn with it).
 
 Variants (``+`` joins exclusions):
 * ``minmax`` -- the exporter's setting: MinMax ranges from 64 training images.
@@ -15,6 +16,11 @@ Variants (``+`` joins exclusions):
   ``pct`` -- 99.99th percentile ranges; ``s8`` -- int8 activations (S8S8).
 * ``skip:CAT`` -- the nodes of a category stay fp32 (``add``, ``dw`` depthwise convs, ``project`` and
   ``expand`` 1x1 convs, ``stem``, ``head`` = last conv + pooling + classifier).
+* ``shipped`` -- no quantization here: the INT8 file of the installed default bundle
+  (resources/models/kermany_cxr), with its val ACC / ROC-AUC / specificity and bootstrap 95% CIs.
+* ``tail`` -- pooling + classifier (`training.quantize.output_tail`) stay fp32, as the exporter keeps them.
+* ``fp32:LAYER`` -- mixed precision: the stem and every layer up to and including ``LAYER`` stay fp32
+  (`training.quantize.fp32_nodes_through`, the recipe's ``output.int8_fp32_through``).
 * ``eq:A,B`` -- activation-range equalization first: each ReLU6 output channel c whose values reach only
   m_c (over 512 training images) is scaled by s_c = (6 / m_c)^A where the next layer is a depthwise conv
   (whose per-channel weights absorb 1/s_c exactly) and (6 / m_c)^B where it is a 1x1 conv or the
@@ -27,6 +33,7 @@ from __future__ import annotations
 import copy
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -46,7 +53,7 @@ from kdviewer.models.onnx_export import export_onnx, ort_session
 from training.calibration import probabilities
 from training.data import BatchLoader
 from training.evaluate import evaluate_onnx
-from training.quantize import _ArrayReader, calibration_images
+from training.quantize import _ArrayReader, calibration_images, fp32_nodes_through, int8_latency, output_tail
 
 DEFAULT = ["minmax", "n256", "n512+avg", "pct", "s8", "skip:add", "skip:stem", "skip:head", "skip:expand",
            "skip:project", "skip:dw", "eq:1,0", "eq:1,0.5", "eq:1,1"]
@@ -118,6 +125,24 @@ def categories(graph: onnx.GraphProto) -> dict[str, list[str]]:
     return cats
 
 
+def report_shipped(ref: dict, p_ref: np.ndarray) -> None:
+    """The installed bundle's INT8 student against the fp32 student (``ref``) on the same val images."""
+    from training.metrics import compute_metrics
+
+    bundle = Path(__file__).resolve().parents[1] / "resources" / "models" / "kermany_cxr"
+    _, sets = kermany_student()
+    r8 = evaluate_onnx(ort_session(bundle / "student.int8.onnx", 2), BatchLoader(sets["val"], 128), CLASSES)
+    dlogit = np.abs(r8["logits"] - ref["logits"]).max(1)
+    probs = probabilities(r8["logits"], "single-label", SHIPPED_T)
+    dp = np.abs(probs[:, 1] - p_ref)
+    print(f"shipped        max |dlogit| {dlogit.max():.3f} mean {dlogit.mean():.3f}  max |dp| {dp.max():.3f} "
+          f"(> 0.1: {(dp > 0.1).sum()})", flush=True)
+    m = compute_metrics(r8["targets"], probs, CLASSES, "single-label", "PNEUMONIA", n_boot=1000)["metrics"]
+    for key in ("accuracy", "roc_auc", "recall", "specificity", "f1"):
+        v = m[key]
+        print(f"  INT8 val {key}: {v['value']:.3f} ({v['ci_low']:.3f}-{v['ci_high']:.3f})", flush=True)
+
+
 def main() -> None:
     variants = sys.argv[1:] or DEFAULT
     torch.set_num_threads(2)
@@ -130,6 +155,9 @@ def main() -> None:
     ref = evaluate_onnx(ort_session(fp32, 2), val, CLASSES)
     p_ref = probabilities(ref["logits"], "single-label", SHIPPED_T)[:, 1]
     for name in variants:
+        if name == "shipped":
+            report_shipped(ref, p_ref)
+            continue
         src, note = fp32, ""
         if name.startswith("eq:"):
             a_dw, a_other = (float(v) for v in name[3:].split(","))
@@ -141,6 +169,8 @@ def main() -> None:
         quant_pre_process(str(src), pre, skip_symbolic_shape=False)
         opts = set(name.split("+"))
         skip = [n for o in opts if o.startswith("skip:") for n in categories(onnx.load(pre).graph)[o[5:]]]
+        skip += [n for o in opts if o.startswith("fp32:") for n in fp32_nodes_through(student, src, o[5:])]
+        skip += output_tail(onnx.load(pre).graph) if "tail" in opts else []
         data = other[:256] if "n256" in opts else other if "n512" in opts else calib
         extra: dict[str, object] = {"CalibMovingAverage": True} if "avg" in opts else {}
         method = CalibrationMethod.MinMax
@@ -155,8 +185,10 @@ def main() -> None:
         dlogit = np.abs(r8["logits"] - ref["logits"]).max(1)
         dp = np.abs(probabilities(r8["logits"], "single-label", SHIPPED_T)[:, 1] - p_ref)
         acc = float((r8["probs"].argmax(1) == ref["targets"]).mean())
+        lat = int8_latency(fp32, int8, calib[:1], threads=1, runs=60, warmup=5)
         print(f"{name:14s} max |dlogit| {dlogit.max():.3f} mean {dlogit.mean():.3f}  max |dp| {dp.max():.3f} "
-              f"(> 0.1: {(dp > 0.1).sum()})  INT8 ACC {acc:.4f}{note}", flush=True)
+              f"(> 0.1: {(dp > 0.1).sum()})  INT8 ACC {acc:.4f}  latency int8/fp32 "
+              f"{lat['latency_int8_ms'] / lat['latency_fp32_ms']:.2f}{note}", flush=True)
 
 
 if __name__ == "__main__":
