@@ -8,7 +8,14 @@ statically quantized to INT8 (QDQ) on a few preprocessed phantoms.
 
 Last line: ``RESULT latency_ratio <student_median / teacher_median>`` (goal <= 0.08).
 
-    python benchmarks/latency.py [--model BUNDLE] [--runs 40] [--threads 2]
+``--teacher-onnx`` also times the teacher as the student is deployed, in ONNX Runtime: exported fp32 and
+statically quantized to INT8 (every layer, calibrated on 16 phantoms: for its speed, not its answers), in
+the same round-robin, with a ``RESULT latency_ratio_vs_teacher_ort_fp32`` / ``..._int8`` line each: how much
+of the ratio is the smaller network and how much the runtime. Every ONNX Runtime session then sleeps
+between operators instead of spin-waiting (``spin=False``): three spinning thread pools in one process
+take the cores from whichever model runs next (the student's median doubled at 2 threads).
+
+    python benchmarks/latency.py [--model BUNDLE] [--runs 40] [--threads 2] [--teacher-onnx]
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--teacher-onnx", action="store_true",
+                    help="also time the teacher in ONNX Runtime, fp32 and INT8 (see above)")
     args = ap.parse_args(argv)
 
     import torch
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         pre = Preprocessing(input_size=224, resize=224, channels=1)
         int8_path, teacher = _random_models(Path(tmp.name), 1, 224)
         names = ("resnet18 INT8 (ORT)", "resnet50 fp32 (torch eager)")
-    student = OrtRuntime(int8_path, threads=args.threads)
+    spin = not args.teacher_onnx  # see the module docstring
+    student = OrtRuntime(int8_path, threads=args.threads, spin=spin)
     teacher.eval()
     study = Study(_case(224))
     frame = study.frames[0]
@@ -106,21 +116,43 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             torch.softmax(teacher(x), dim=1)
 
+    runners = {"student": run_student, "teacher": run_teacher}
+    labels = {"student": names[0], "teacher": names[1]}
+    if args.teacher_onnx:
+        from kdviewer.models.onnx_export import export_onnx
+        from training.quantize import quantize_onnx
+
+        t32 = export_onnx(teacher, Path(tmp.name) / "teacher.onnx", pre.channels, pre.input_size)
+        calib = np.stack([preprocess_frame(_case(pre.input_size, s), pre) for s in range(16)])
+        t8 = quantize_onnx(t32, Path(tmp.name) / "teacher.int8.onnx", calib)
+        for key, path in (("teacher_ort_fp32", t32), ("teacher_ort_int8", t8)):
+            rt = OrtRuntime(path, threads=args.threads, spin=spin)
+
+            def run(rt: OrtRuntime = rt) -> None:
+                logits, _ = rt.predict(preprocess_frame(frame, pre, study)[None])
+                np.exp(logits - logits.max())
+
+            runners[key] = run
+            labels[key] = f"{names[1].split()[0]} {'fp32' if key.endswith('fp32') else 'INT8'} (ORT)"
+
     for _ in range(args.warmup):
-        run_student()
-        run_teacher()
-    times: dict[str, list[float]] = {"student": [], "teacher": []}
+        for fn in runners.values():
+            fn()
+    times: dict[str, list[float]] = {key: [] for key in runners}
     for _ in range(args.runs):
-        for key, fn in (("student", run_student), ("teacher", run_teacher)):
+        for key, fn in runners.items():
             t0 = time.perf_counter()
             fn()
             times[key].append((time.perf_counter() - t0) * 1e3)
-    s_med, t_med = statistics.median(times["student"]), statistics.median(times["teacher"])
+    med = {key: statistics.median(v) for key, v in times.items()}
     shape = f"{pre.channels}x{pre.input_size}x{pre.input_size}"
     print(f"threads: {args.threads}; runs: {args.runs}; input {shape}")
-    print(f"student {names[0]}: median {s_med:.2f} ms (min {min(times['student']):.2f})")
-    print(f"teacher {names[1]}: median {t_med:.2f} ms (min {min(times['teacher']):.2f})")
-    print(f"RESULT latency_ratio {s_med / t_med:.4f}")
+    for key in runners:
+        print(f"{key.split('_')[0]} {labels[key]}: median {med[key]:.2f} ms (min {min(times[key]):.2f})")
+    for key in runners:
+        if key.startswith("teacher_"):
+            print(f"RESULT latency_ratio_vs_{key} {med['student'] / med[key]:.4f}")
+    print(f"RESULT latency_ratio {med['student'] / med['teacher']:.4f}")
     tmp.cleanup()
     return 0
 
