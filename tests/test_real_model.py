@@ -17,6 +17,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from kdviewer.gui.modelcard import model_card_html
 from kdviewer.imaging import load
 from kdviewer.inference.predict import Classifier
 from kdviewer.models.bundle import default_bundle_path, demo_bundle_path, open_bundle
@@ -49,6 +50,11 @@ def test_default_model_is_the_real_data_bundle(monkeypatch: pytest.MonkeyPatch) 
         assert needle.lower() in card.lower(), needle
     shipped = [p for d in ("models", "demo") for p in (ROOT / "resources" / d).rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in shipped) <= 40 * 1024**2
+    # deployed as INT8 (recommended by a parity check on every val image), the first layers fp32 — and said
+    assert m.student.onnx_int8 and m.int8_parity["recommended"] == 1.0 and m.int8_parity["n"] >= 1000
+    assert m.int8_parity["max_abs_diff_prob"] <= MAX_DP_MAX
+    assert "`blocks.7` kept in fp32" in card
+    assert "INT8 after blocks.7" in model_card_html(m)
 
 
 def _dicom(

@@ -124,8 +124,11 @@ def model_card_html(manifest: Manifest, source: str = "", extra_markdown: str | 
         f"<p>Student/teacher disagreement flagged above total variation {m.disagreement_threshold:g}.</p>"
     )
     if m.int8_parity:
+        through = m.training.get("int8_fp32_through")
         parts.append(
-            "<p>INT8 parity: " + _e(", ".join(f"{k} {v:.4g}" for k, v in m.int8_parity.items())) + "</p>"
+            "<p>INT8 parity: " + _e(", ".join(f"{k} {v:.4g}" for k, v in m.int8_parity.items()))
+            + (f" (INT8 after {_e(through)}: the layers up to it run in fp32)" if through else "")
+            + "</p>"
         )
     # Training data
     parts.append("<h3>Training data and recipe</h3>")
