@@ -125,13 +125,12 @@ def categories(graph: onnx.GraphProto) -> dict[str, list[str]]:
     return cats
 
 
-def report_shipped(ref: dict, p_ref: np.ndarray) -> None:
+def report_shipped(ref: dict, p_ref: np.ndarray, val: BatchLoader) -> None:
     """The installed bundle's INT8 student against the fp32 student (``ref``) on the same val images."""
     from training.metrics import compute_metrics
 
     bundle = Path(__file__).resolve().parents[1] / "resources" / "models" / "kermany_cxr"
-    _, sets = kermany_student()
-    r8 = evaluate_onnx(ort_session(bundle / "student.int8.onnx", 2), BatchLoader(sets["val"], 128), CLASSES)
+    r8 = evaluate_onnx(ort_session(bundle / "student.int8.onnx", 2), val, CLASSES)
     dlogit = np.abs(r8["logits"] - ref["logits"]).max(1)
     probs = probabilities(r8["logits"], "single-label", SHIPPED_T)
     dp = np.abs(probs[:, 1] - p_ref)
@@ -156,7 +155,7 @@ def main() -> None:
     p_ref = probabilities(ref["logits"], "single-label", SHIPPED_T)[:, 1]
     for name in variants:
         if name == "shipped":
-            report_shipped(ref, p_ref)
+            report_shipped(ref, p_ref, val)
             continue
         src, note = fp32, ""
         if name.startswith("eq:"):
