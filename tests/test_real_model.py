@@ -53,8 +53,9 @@ def test_default_model_is_the_real_data_bundle(monkeypatch: pytest.MonkeyPatch) 
     # deployed as INT8 (recommended by a parity check on every val image), the first layers fp32 — and said
     assert m.student.onnx_int8 and m.int8_parity["recommended"] == 1.0 and m.int8_parity["n"] >= 1000
     assert m.int8_parity["max_abs_diff_prob"] <= MAX_DP_MAX
-    assert "`blocks.7` kept in fp32" in card
-    assert "INT8 after blocks.7" in model_card_html(m)
+    through = m.training["int8_fp32_through"]
+    assert f"`{through}` kept in fp32" in card
+    assert f"INT8 after {through}" in model_card_html(m)
 
 
 def _dicom(

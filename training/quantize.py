@@ -8,7 +8,7 @@ nodes in fp32 (mixed precision); `fp32_nodes_through` names the nodes of the fir
 "the stem up to and including layer X" (``output.int8_fp32_through`` of a recipe). Why: in a network
 whose early layers feed a fine-tuned head, rounding the early layers' weights and activations to 8 bits
 can move a probability far more than rounding the later ones (the Kermany Lite0 student: stem to
-``blocks.7`` in fp32 takes max |Δp| on all val images from 0.23 to 0.086 at 0.57-0.75x the fp32
+``blocks.9`` in fp32 takes max |Δp| on all val images from 0.23 to 0.03 at 0.64-0.77x the fp32
 latency; docs/results/kermany_cxr.md). Keeping a contiguous first part in fp32 works; excluding scattered node
 types does not (their neighbours' tensors stay quantized).
 
