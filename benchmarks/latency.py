@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,22 +102,25 @@ def main(argv: list[str] | None = None) -> int:
         int8_path, teacher = _random_models(Path(tmp.name), 1, 224)
         names = ("resnet18 INT8 (ORT)", "resnet50 fp32 (torch eager)")
     spin = not args.teacher_onnx  # see the module docstring
-    student = OrtRuntime(int8_path, threads=args.threads, spin=spin)
     teacher.eval()
     study = Study(_case(224))
     frame = study.frames[0]
 
-    def run_student() -> None:
-        x = preprocess_frame(frame, pre, study)[None]
-        logits, _ = student.predict(x)
-        np.exp(logits - logits.max())
+    def ort_runner(path: Path) -> Callable[[], None]:
+        rt = OrtRuntime(path, threads=args.threads, spin=spin)
+
+        def run() -> None:
+            logits, _ = rt.predict(preprocess_frame(frame, pre, study)[None])
+            np.exp(logits - logits.max())
+
+        return run
 
     def run_teacher() -> None:
         x = torch.from_numpy(preprocess_frame(frame, pre, study)[None])
         with torch.inference_mode():
             torch.softmax(teacher(x), dim=1)
 
-    runners = {"student": run_student, "teacher": run_teacher}
+    runners = {"student": ort_runner(int8_path), "teacher": run_teacher}
     labels = {"student": names[0], "teacher": names[1]}
     if args.teacher_onnx:
         from kdviewer.models.onnx_export import export_onnx
@@ -126,13 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         calib = np.stack([preprocess_frame(_case(pre.input_size, s), pre) for s in range(16)])
         t8 = quantize_onnx(t32, Path(tmp.name) / "teacher.int8.onnx", calib)
         for key, path in (("teacher_ort_fp32", t32), ("teacher_ort_int8", t8)):
-            rt = OrtRuntime(path, threads=args.threads, spin=spin)
-
-            def run(rt: OrtRuntime = rt) -> None:
-                logits, _ = rt.predict(preprocess_frame(frame, pre, study)[None])
-                np.exp(logits - logits.max())
-
-            runners[key] = run
+            runners[key] = ort_runner(path)
             labels[key] = f"{names[1].split()[0]} {'fp32' if key.endswith('fp32') else 'INT8'} (ORT)"
 
     for _ in range(args.warmup):
